@@ -1,0 +1,529 @@
+"""Knowledge packets: what a device knows about a batch of public sequences, as bytes (design section 4).
+
+Wire format: the 4-byte magic `DFK1`, then one zstd frame (content size and checksum in its header)
+holding a safetensors blob. Safetensors because parsing untrusted bytes must never execute anything;
+zstd because top-k rows padded with sentinels and float16 features compress well and fast.
+
+Tensors, for S sequences of T tokens in all (sequence s holds `seq_lengths[s]` consecutive tokens):
+
+    sequence_ids   [S]            uint32   index of each sequence in its shard, unique
+    seq_lengths    [S]            uint32   tokens per sequence, >= 1
+    token_ids      [T]            uint16|uint32   the device's tokenization
+    offsets        [T, 2]         uint32   character span of each token in its sequence's text
+    topk_ids       [T, k]         uint16|uint32   next-token ids, most likely first; SENTINEL pads
+    topk_logprobs  [T, k]         float16  log-softmax at temperature 1; -inf where the id is SENTINEL
+    seq_nll        [S]            float32  the device's mean next-token loss on each sequence
+    features       [S, Js, P, W]  float16  pooled hidden states of the Js stages in `feature_stages`
+                                           (absent when the backend exposes no hidden states)
+
+Row t of the top-k arrays is the distribution of the token that follows token t. Everything public
+is `encode`, `decode`, the dataclasses and `PacketBuilder`; `decode` raises nothing but
+`PacketError`, whatever the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+import zstandard
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from deepfusion.shared.messages import SCHEMA_VERSION, RejectReason
+from deepfusion.shared.topics import validate_id
+
+__all__ = [
+    "DEFAULT_BUDGET",
+    "MAGIC",
+    "MAX_DECOMPRESSED",
+    "KnowledgePacket",
+    "PacketBuilder",
+    "PacketError",
+    "PacketHeader",
+    "SequenceKnowledge",
+    "SequenceTooLarge",
+    "apply_top_p",
+    "decode",
+    "encode",
+    "sentinel_for",
+]
+
+MAGIC = b"DFK1"
+DEFAULT_BUDGET = 120 * 1024  # one packet = one MQTT message, below AWS IoT Core's 128 KB limit
+MAX_DECOMPRESSED = 32 * 1024 * 1024  # a decompression bomb stops here
+MAX_HEADER_BYTES = 64 * 1024
+FEATURE_BOUND = 1e4  # pooled hidden states beyond this are corrupt or hostile
+MASS_TOLERANCE = 2e-3  # float16 rounding of up to k log-probs
+
+_ID_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
+_REQUIRED = ("sequence_ids", "seq_lengths", "token_ids", "offsets", "topk_ids", "topk_logprobs", "seq_nll")
+_DTYPES: dict[str, tuple[np.dtype[Any], ...]] = {
+    "sequence_ids": (np.dtype(np.uint32),),
+    "seq_lengths": (np.dtype(np.uint32),),
+    "token_ids": _ID_DTYPES,
+    "offsets": (np.dtype(np.uint32),),
+    "topk_ids": _ID_DTYPES,
+    "topk_logprobs": (np.dtype(np.float16),),
+    "seq_nll": (np.dtype(np.float32),),
+    "features": (np.dtype(np.float16),),
+}
+
+
+class PacketError(ValueError):
+    """A packet that must be refused; `reason` is a stable code, `detail` says what exactly."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class SequenceTooLarge(ValueError):
+    """One sequence alone does not fit the byte budget: score it in shorter windows."""
+
+    def __init__(self, sequence_id: int, size: int, budget: int) -> None:
+        super().__init__(
+            f"sequence {sequence_id} alone encodes to {size} bytes, over the packet budget of {budget}; "
+            "split it into shorter windows"
+        )
+        self.sequence_id = sequence_id
+        self.size = size
+        self.budget = budget
+
+
+def sentinel_for(dtype: np.dtype[Any]) -> int:
+    """Padding id of a top-k row: the largest value of the id dtype (never a real id)."""
+    return int(np.iinfo(dtype).max)
+
+
+class PacketHeader(BaseModel):
+    """The string metadata of a packet: who scored what, under which round settings."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = Field(SCHEMA_VERSION, ge=1)
+    federation: str
+    round: int = Field(ge=0)
+    device: str
+    shard: str
+    tokenizer: str = Field(pattern=r"^[0-9a-f]{64}$")
+    vocab_size: int = Field(ge=2, le=2**32 - 1)
+    top_k: int = Field(ge=1, le=4096)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stages: int = Field(ge=0, le=64, description="J of the round")
+    patches: int = Field(ge=1, le=1024, description="P of the round")
+    feature_stages: tuple[int, ...] = Field((), description="which of the J stages the features hold")
+    feature_width: int = Field(0, ge=0, le=65536)
+
+    @field_validator("federation", "device", "shard")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return validate_id(value)
+
+    @field_validator("feature_stages")
+    @classmethod
+    def _stages_sorted(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if list(value) != sorted(set(value)) or any(s < 0 for s in value):
+            raise ValueError("feature_stages must be distinct, ascending and >= 0")
+        return value
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            "schema_version": str(self.schema_version),
+            "federation": self.federation,
+            "round": str(self.round),
+            "device": self.device,
+            "shard": self.shard,
+            "tokenizer": self.tokenizer,
+            "vocab_size": str(self.vocab_size),
+            "top_k": str(self.top_k),
+            "top_p": "" if self.top_p is None else repr(self.top_p),
+            "stages": str(self.stages),
+            "patches": str(self.patches),
+            "feature_stages": ",".join(str(s) for s in self.feature_stages),
+            "feature_width": str(self.feature_width),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> PacketHeader:
+        try:
+            version = int(metadata.get("schema_version", ""))
+        except ValueError:
+            raise PacketError(
+                RejectReason.BAD_METADATA, "schema_version is missing or not a number"
+            ) from None
+        if version > SCHEMA_VERSION:
+            raise PacketError(
+                RejectReason.UNSUPPORTED_VERSION,
+                f"packet schema {version} is newer than this reader's {SCHEMA_VERSION}",
+            )
+        fields: dict[str, Any] = dict(metadata)
+        try:
+            stages = fields.get("feature_stages", "")
+            fields["feature_stages"] = tuple(int(s) for s in stages.split(",")) if stages else ()
+            fields["top_p"] = fields.get("top_p") or None
+            return cls.model_validate(fields)
+        except (ValueError, ValidationError) as exc:
+            errors = exc.errors() if isinstance(exc, ValidationError) else None
+            detail = (
+                "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+                if errors
+                else str(exc)
+            )
+            raise PacketError(RejectReason.BAD_METADATA, detail) from None
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceKnowledge:
+    """What a device knows about one public sequence; the unit the packet builder packs."""
+
+    sequence_id: int
+    token_ids: np.ndarray  # [L]
+    offsets: np.ndarray  # [L, 2]
+    topk_ids: np.ndarray  # [L, k]
+    topk_logprobs: np.ndarray  # [L, k]
+    nll: float
+    features: np.ndarray | None = None  # [Js, P, W]
+
+
+@dataclass(frozen=True, eq=False)
+class KnowledgePacket:
+    """A validated packet. Constructing one checks every rule of the protocol (raises PacketError)."""
+
+    header: PacketHeader
+    sequence_ids: np.ndarray
+    seq_lengths: np.ndarray
+    token_ids: np.ndarray
+    offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    seq_nll: np.ndarray
+    features: np.ndarray | None = None
+    _starts: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        starts = np.zeros(len(self.seq_lengths), dtype=np.int64)
+        np.cumsum(self.seq_lengths[:-1], out=starts[1:])
+        object.__setattr__(self, "_starts", starts)
+
+    @classmethod
+    def from_sequences(cls, header: PacketHeader, sequences: Sequence[SequenceKnowledge]) -> KnowledgePacket:
+        if not sequences:
+            raise PacketError(RejectReason.BAD_SEQUENCES, "a packet needs at least one sequence")
+        id_dtype = np.dtype(np.uint16) if header.vocab_size <= 2**16 - 1 else np.dtype(np.uint32)
+        features = None
+        if header.feature_stages:
+            if any(s.features is None for s in sequences):
+                raise PacketError(
+                    RejectReason.MISSING_TENSOR, "header announces features, a sequence has none"
+                )
+            features = np.stack([np.asarray(s.features, dtype=np.float16) for s in sequences])
+        return cls(
+            header=header,
+            sequence_ids=np.array([s.sequence_id for s in sequences], dtype=np.uint32),
+            seq_lengths=np.array([len(s.token_ids) for s in sequences], dtype=np.uint32),
+            token_ids=np.concatenate([s.token_ids for s in sequences]).astype(id_dtype),
+            offsets=np.concatenate([s.offsets for s in sequences]).astype(np.uint32),
+            topk_ids=np.concatenate([s.topk_ids for s in sequences]).astype(id_dtype),
+            topk_logprobs=np.concatenate([s.topk_logprobs for s in sequences]).astype(np.float16),
+            seq_nll=np.array([s.nll for s in sequences], dtype=np.float32),
+            features=features,
+        )
+
+    def __len__(self) -> int:
+        return len(self.sequence_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def sequences(self) -> Iterator[SequenceKnowledge]:
+        for s, (start, length) in enumerate(zip(self._starts, self.seq_lengths, strict=True)):
+            rows = slice(int(start), int(start + length))
+            yield SequenceKnowledge(
+                sequence_id=int(self.sequence_ids[s]),
+                token_ids=self.token_ids[rows],
+                offsets=self.offsets[rows],
+                topk_ids=self.topk_ids[rows],
+                topk_logprobs=self.topk_logprobs[rows],
+                nll=float(self.seq_nll[s]),
+                features=None if self.features is None else self.features[s],
+            )
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        names = (*_REQUIRED, "features") if self.features is not None else _REQUIRED
+        return {name: np.ascontiguousarray(getattr(self, name)) for name in names}
+
+
+def _fail(reason: RejectReason, detail: str) -> PacketError:
+    return PacketError(reason, detail)
+
+
+def _validate(p: KnowledgePacket) -> None:
+    """Every rule of design section 4 that needs only the packet itself."""
+    h = p.header
+    tensors = {name: getattr(p, name) for name in (*_REQUIRED, "features")}
+    for name, array in tensors.items():
+        if array is None:
+            if name != "features":
+                raise _fail(RejectReason.MISSING_TENSOR, f"tensor {name!r} is missing")
+            continue
+        if not isinstance(array, np.ndarray) or array.dtype not in _DTYPES[name]:
+            got = getattr(array, "dtype", type(array).__name__)
+            allowed = "/".join(str(d) for d in _DTYPES[name])
+            raise _fail(RejectReason.BAD_DTYPE, f"{name} has dtype {got}, expected {allowed}")
+
+    if (p.features is None) != (not h.feature_stages):
+        raise _fail(
+            RejectReason.MISSING_TENSOR if p.features is None else RejectReason.UNEXPECTED_TENSOR,
+            f"features tensor present={p.features is not None} but feature_stages={h.feature_stages}",
+        )
+    if p.token_ids.dtype != p.topk_ids.dtype:
+        raise _fail(RejectReason.BAD_DTYPE, "token_ids and topk_ids must share one id dtype")
+    sentinel = sentinel_for(p.topk_ids.dtype)
+    if h.vocab_size > sentinel:
+        raise _fail(RejectReason.BAD_DTYPE, f"{p.topk_ids.dtype} ids cannot hold a {h.vocab_size} vocabulary")
+
+    # Shapes: S sequences, T tokens, k columns.
+    if p.sequence_ids.ndim != 1 or len(p.sequence_ids) == 0:
+        raise _fail(
+            RejectReason.BAD_SHAPE, f"sequence_ids must be [S] with S >= 1, got {p.sequence_ids.shape}"
+        )
+    n_seq = len(p.sequence_ids)
+    for name in ("seq_lengths", "seq_nll"):
+        if getattr(p, name).shape != (n_seq,):
+            raise _fail(RejectReason.BAD_SHAPE, f"{name} must be [{n_seq}], got {getattr(p, name).shape}")
+    if np.any(p.seq_lengths == 0):
+        raise _fail(RejectReason.BAD_SEQUENCES, "a sequence has length 0")
+    if len(np.unique(p.sequence_ids)) != n_seq:
+        raise _fail(RejectReason.BAD_SEQUENCES, "sequence_ids repeat within the packet")
+    n_tok = int(p.seq_lengths.sum(dtype=np.uint64))
+    k = h.top_k
+    expected = {
+        "token_ids": (n_tok,),
+        "offsets": (n_tok, 2),
+        "topk_ids": (n_tok, k),
+        "topk_logprobs": (n_tok, k),
+    }
+    for name, shape in expected.items():
+        if getattr(p, name).shape != shape:
+            raise _fail(
+                RejectReason.BAD_SHAPE, f"{name} must be {list(shape)}, got {list(getattr(p, name).shape)}"
+            )
+    if p.features is not None:
+        if h.feature_stages[-1] >= h.stages:
+            raise _fail(RejectReason.BAD_METADATA, f"feature_stages {h.feature_stages} outside J={h.stages}")
+        shape = (n_seq, len(h.feature_stages), h.patches, h.feature_width)
+        if p.features.shape != shape or h.feature_width == 0:
+            raise _fail(
+                RejectReason.BAD_SHAPE, f"features must be {list(shape)}, got {list(p.features.shape)}"
+            )
+
+    # Values.
+    if np.any(p.offsets[:, 0] > p.offsets[:, 1]):
+        raise _fail(RejectReason.BAD_OFFSETS, "a token's character span ends before it starts")
+    if n_tok and int(p.token_ids.max()) >= h.vocab_size:
+        raise _fail(
+            RejectReason.ID_OUT_OF_VOCAB, f"token id {int(p.token_ids.max())} >= vocab {h.vocab_size}"
+        )
+    padded = p.topk_ids == sentinel
+    if np.any(padded[:, 0]):
+        raise _fail(RejectReason.BAD_LOGPROBS, "a top-k row holds no token")
+    if np.any(padded[:, :-1] & ~padded[:, 1:]):
+        raise _fail(RejectReason.BAD_LOGPROBS, "sentinel padding must fill the end of a row")
+    real_ids = np.where(padded, 0, p.topk_ids)
+    if n_tok and int(real_ids.max()) >= h.vocab_size:
+        raise _fail(RejectReason.ID_OUT_OF_VOCAB, f"top-k id {int(real_ids.max())} >= vocab {h.vocab_size}")
+    if k > 1:
+        ordered = np.sort(p.topk_ids, axis=1)
+        if np.any((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != sentinel)):
+            raise _fail(RejectReason.DUPLICATE_TOPK_ID, "a top-k row names the same id twice")
+    logprobs = p.topk_logprobs.astype(np.float32)
+    real = logprobs[~padded]
+    if not np.all(np.isfinite(real)) or np.any(real > 0):
+        raise _fail(RejectReason.BAD_LOGPROBS, "log-probs must be finite and <= 0")
+    if not np.all(np.isneginf(logprobs[padded])):
+        raise _fail(RejectReason.BAD_LOGPROBS, "padded top-k entries must have log-prob -inf")
+    mass = np.exp(logprobs).sum(axis=1)
+    if n_tok and float(mass.max()) > 1 + MASS_TOLERANCE:
+        raise _fail(
+            RejectReason.MASS_EXCEEDS_ONE, f"a row's probabilities sum to {float(mass.max()):.4f} > 1"
+        )
+    if not np.all(np.isfinite(p.seq_nll)) or np.any(p.seq_nll < 0):
+        raise _fail(RejectReason.BAD_NLL, "seq_nll must be finite and >= 0")
+    if p.features is not None:
+        feats = p.features.astype(np.float32)
+        if not np.all(np.isfinite(feats)) or float(np.abs(feats).max(initial=0)) > FEATURE_BOUND:
+            raise _fail(RejectReason.BAD_FEATURES, f"features must be finite with |x| <= {FEATURE_BOUND:g}")
+
+
+def encode(packet: KnowledgePacket, *, level: int = 3) -> bytes:
+    """Bytes of a (validated) packet: magic + zstd(safetensors)."""
+    blob = safetensors.numpy.save(packet.tensors(), metadata=packet.header.to_metadata())
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return MAGIC + compressor.compress(blob)
+
+
+def _decompress(body: bytes, limit: int) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(body)
+    except zstandard.ZstdError as exc:
+        raise _fail(RejectReason.CORRUPT_COMPRESSION, f"no zstd frame header: {exc}") from None
+    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise _fail(RejectReason.CORRUPT_COMPRESSION, "the zstd frame does not declare its content size")
+    if params.content_size > limit:
+        raise _fail(
+            RejectReason.TOO_LARGE, f"declares {params.content_size} bytes decompressed; limit {limit}"
+        )
+    # The declared size bounds the output: libzstd refuses a frame whose content differs from it.
+    decompressor = zstandard.ZstdDecompressor(max_window_size=1 << 25).decompressobj()
+    try:
+        blob = decompressor.decompress(body)
+    except zstandard.ZstdError as exc:
+        raise _fail(RejectReason.CORRUPT_COMPRESSION, str(exc)) from None
+    if not decompressor.eof or decompressor.unused_data or len(blob) != params.content_size:
+        raise _fail(RejectReason.CORRUPT_COMPRESSION, "truncated zstd frame or trailing bytes after it")
+    return blob
+
+
+def _read_container(blob: bytes) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    if len(blob) < 8:
+        raise _fail(RejectReason.CORRUPT_CONTAINER, "safetensors blob shorter than its length prefix")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(blob) - 8):
+        raise _fail(RejectReason.CORRUPT_CONTAINER, f"safetensors header length {header_len} is impossible")
+    try:
+        header = json.loads(blob[8 : 8 + header_len])
+        tensors = safetensors.numpy.load(blob)
+    except Exception as exc:  # the Rust parser raises several types for malformed input
+        raise _fail(RejectReason.CORRUPT_CONTAINER, f"unreadable safetensors: {exc}") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(RejectReason.BAD_METADATA, "safetensors metadata is missing or not all strings")
+    return metadata, tensors
+
+
+def decode(
+    data: bytes, *, max_bytes: int = 1024 * 1024, max_decompressed: int = MAX_DECOMPRESSED
+) -> KnowledgePacket:
+    """Parse and validate untrusted packet bytes. Raises `PacketError` (and nothing else) when refused."""
+    try:
+        if not data:
+            raise _fail(RejectReason.EMPTY, "empty payload")
+        if len(data) > max_bytes:
+            raise _fail(RejectReason.TOO_LARGE, f"{len(data)} bytes; limit {max_bytes}")
+        if data[:4] != MAGIC:
+            raise _fail(RejectReason.BAD_MAGIC, f"starts with {bytes(data[:4])!r}, not {MAGIC!r}")
+        metadata, tensors = _read_container(_decompress(bytes(data[4:]), max_decompressed))
+        header = PacketHeader.from_metadata(metadata)
+        unknown = set(tensors) - {*_REQUIRED, "features"}
+        if unknown:
+            raise _fail(RejectReason.UNEXPECTED_TENSOR, f"unknown tensors {sorted(unknown)}")
+        missing = set(_REQUIRED) - set(tensors)
+        if missing:
+            raise _fail(RejectReason.MISSING_TENSOR, f"missing tensors {sorted(missing)}")
+        return KnowledgePacket(header=header, **tensors)
+    except PacketError:
+        raise
+    except MemoryError:
+        raise _fail(RejectReason.TOO_LARGE, "packet does not fit in memory") from None
+    except Exception as exc:  # a packet must never crash the reader, whatever its bytes
+        raise _fail(RejectReason.CORRUPT_CONTAINER, f"{type(exc).__name__}: {exc}") from None
+
+
+def apply_top_p(
+    topk_ids: np.ndarray, topk_logprobs: np.ndarray, top_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep, per row, the shortest prefix of a descending top-k row whose mass reaches `top_p`.
+
+    The rest of the row becomes SENTINEL / -inf, which zstd compresses to almost nothing.
+    """
+    probs = np.exp(topk_logprobs.astype(np.float32))
+    before = np.cumsum(probs, axis=-1) - probs  # mass of the entries ahead of each one
+    drop = before >= top_p
+    ids = np.where(drop, sentinel_for(topk_ids.dtype), topk_ids)
+    logprobs = np.where(drop, -np.inf, topk_logprobs).astype(topk_logprobs.dtype)
+    return ids, logprobs
+
+
+class PacketBuilder:
+    """Packs a stream of sequences into as few packets as fit the byte budget, one MQTT message each.
+
+    Compressed size is known only after compressing, so the builder predicts it from the last measured
+    compression ratio and encodes for real only near the budget: about two encodes per packet. A
+    sequence too large for a packet on its own raises `SequenceTooLarge` and leaves the queue, so the
+    caller can score it in shorter windows and go on.
+    """
+
+    def __init__(self, header: PacketHeader, *, budget: int = DEFAULT_BUDGET, level: int = 3) -> None:
+        self.header = header
+        self.budget = budget
+        self.level = level
+        self._pending: list[SequenceKnowledge] = []
+        self._pending_raw = 0
+        self._ratio = 1.0  # compressed / raw bytes; 1.0 until a packet has been measured
+        self._encoded: bytes | None = None  # the queue's encoding, when the last add measured it
+        self._id_bytes = 2 if header.vocab_size <= 2**16 - 1 else 4
+
+    def _raw_bytes(self, sequence: SequenceKnowledge) -> int:
+        """Uncompressed bytes of one sequence in the packet's wire dtypes."""
+        tokens = len(sequence.token_ids)
+        features = 0 if sequence.features is None else 2 * sequence.features.size
+        return tokens * (self._id_bytes + 8 + self.header.top_k * (self._id_bytes + 2)) + features + 12
+
+    def add(self, sequence: SequenceKnowledge) -> list[bytes]:
+        """Queue one sequence; return the packets that it completed (often none)."""
+        raw = self._raw_bytes(sequence)
+        ready: list[bytes] = []
+        encoded = None
+        if self._pending and (self._pending_raw + raw) * self._ratio > self.budget:
+            # Near the budget a prediction is not enough: try it, and keep the bytes if it fits.
+            trial = self._encode([*self._pending, sequence])
+            self._ratio = len(trial) / (self._pending_raw + raw)
+            if len(trial) > self.budget:
+                ready = self._emit(self._encoded or self._encode(self._pending))
+            else:
+                encoded = trial
+        self._pending.append(sequence)
+        self._pending_raw += raw
+        self._encoded = encoded
+        return ready
+
+    def flush(self) -> list[bytes]:
+        """Encode everything still queued."""
+        packets: list[bytes] = []
+        while self._pending:
+            packets.extend(self._emit(self._encoded or self._encode(self._pending)))
+            self._encoded = None
+        return packets
+
+    def _encode(self, sequences: Sequence[SequenceKnowledge]) -> bytes:
+        return encode(KnowledgePacket.from_sequences(self.header, sequences), level=self.level)
+
+    def _emit(self, data: bytes) -> list[bytes]:
+        """Emit the longest prefix of the queue that fits (`data` encodes all of it); keep the rest."""
+        pending = self._pending
+        count = len(pending)
+        if len(data) > self.budget:
+            low, high, data = 1, count - 1, b""
+            while low <= high:  # bisect for the largest prefix that fits
+                mid = (low + high) // 2
+                trial = self._encode(pending[:mid])
+                if len(trial) <= self.budget:
+                    low, data, count = mid + 1, trial, mid
+                else:
+                    high = mid - 1
+            if not data:  # drop it from the queue so the caller can split it and go on
+                size = len(self._encode(pending[:1]))
+                self._pending = pending[1:]
+                self._pending_raw = sum(self._raw_bytes(s) for s in self._pending)
+                raise SequenceTooLarge(pending[0].sequence_id, size, self.budget)
+        self._pending = pending[count:]
+        self._pending_raw = sum(self._raw_bytes(s) for s in self._pending)
+        return [data]

@@ -1,0 +1,137 @@
+"""The object store in a local folder: the simulator's store, and a cloud's on a single machine.
+
+The root must be on a POSIX filesystem (ext4, xfs, btrfs, APFS, tmpfs): atomic writes rely on `rename`
+replacing the old file in one step, which FAT-family filesystems do not promise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from deepfusion.shared.store import ObjectNotFound, StoreError, validate_key, validate_prefix
+
+__all__ = ["LocalStore"]
+
+# A backslash can never appear in a key, so a file with one in its name is never an object: temp files
+# can neither collide with a key nor show up in `list`, whatever the keys are.
+_TEMP_MARK = "\\"
+
+
+class LocalStore:
+    """Objects are files under `root`, named by their key; directories are created as keys need them.
+
+    Unlike S3, a folder cannot hold both an object `a` and an object `a/b`; putting the second fails
+    with a StoreError.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(os.fspath(root)))
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        # validate_key rejects '..', '.', empty segments and leading '/', so the path stays under root.
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write to a temp file beside the target, fsync, then rename over it: readers see old or new."""
+        path = self._path(key)
+        # A concurrent delete may prune the freshly made directory; one retry recreates it.
+        for attempt in (1, 2):
+            tmp = path.with_name(f"{path.name[:32]}{_TEMP_MARK}{secrets.token_hex(8)}.tmp")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "xb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+                os.replace(tmp, path)
+                break
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
+                if attempt == 1 and isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
+                    continue
+                reason = exc.strerror or str(exc)
+                raise StoreError(f"cannot write object {key!r} to {path}: {reason}") from exc
+        self._sync_directory(path.parent)
+
+    @staticmethod
+    def _sync_directory(directory: Path) -> None:
+        # Makes the rename survive a power cut. The object is already in place and visible, so a
+        # filesystem that cannot fsync a directory is not a reason to report the write as failed.
+        with contextlib.suppress(OSError):
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key, str(self.root)) from None
+        except OSError as exc:
+            raise StoreError(f"cannot read object {key!r} from {path}: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        """Remove the object if present, then any directories it leaves empty (S3 has no directories)."""
+        path = self._path(key)
+        try:
+            if not path.is_file():
+                return
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot delete object {key!r} at {path}: {exc.strerror or exc}") from exc
+        for parent in path.parents:
+            if parent == self.root or self.root not in parent.parents:
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """All keys starting with `prefix`, sorted as S3 sorts them (by code point, i.e. UTF-8 bytes)."""
+        validate_prefix(prefix)
+        directory = prefix.rpartition("/")[0]
+        start = self.root.joinpath(*directory.split("/")) if directory else self.root
+        if not start.is_dir():
+            return iter(())
+
+        def fail(exc: OSError) -> None:
+            raise StoreError(f"cannot list {exc.filename}: {exc.strerror or exc}") from exc
+
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start, onerror=fail):
+            rel = os.path.relpath(dirpath, self.root)
+            base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            # Only descend into directories that can hold a match (prefix "a/b" needs "a/b..." dirs).
+            dirnames[:] = [d for d in dirnames if _may_match(f"{base}{d}/", prefix)]
+            keys.extend(
+                f"{base}{name}"
+                for name in filenames
+                if _TEMP_MARK not in name and f"{base}{name}".startswith(prefix)
+            )
+        keys.sort()
+        return iter(keys)
+
+    def url(self, key: str, expires_s: int | None = None) -> str:
+        """A `file://` URI; `expires_s` is accepted for symmetry with S3 and has no effect here."""
+        return self._path(key).as_uri()
+
+
+def _may_match(directory: str, prefix: str) -> bool:
+    return directory.startswith(prefix) or prefix.startswith(directory)

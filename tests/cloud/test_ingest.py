@@ -1,0 +1,64 @@
+"""Ingest's core: validate, store once under a content-addressed key, answer with an Ack."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from deepfusion.cloud.ingest import knowledge_key, store_packet
+from deepfusion.shared.messages import RejectReason
+from deepfusion.shared.packets import encode
+from deepfusion.shared.store import open_store
+from deepfusion.shared.topics import InvalidTopic, knowledge_topic, status_topic
+from tests.shared.packet_factory import make_packet
+
+
+@pytest.fixture
+def store(tmp_path):
+    return open_store(str(tmp_path / "store"))
+
+
+def test_accepted_packet_is_stored_once_and_duplicates_are_acked(store):
+    payload = encode(make_packet(seed=1, device="pi-1", federation="fed"))
+    topic = knowledge_topic("fed", "pi-1")
+    first = store_packet(store, "fed", topic, payload, max_bytes=1 << 20)
+    again = store_packet(store, "fed", topic, payload, max_bytes=1 << 20)
+    digest = hashlib.sha256(payload).hexdigest()
+    assert first.accepted and not first.duplicate and first.packet == digest and first.round == 3
+    assert again.accepted and again.duplicate
+    assert list(store.list("fed/")) == [knowledge_key("fed", 3, "pi-1", digest)]
+    assert store.get(knowledge_key("fed", 3, "pi-1", digest)) == payload
+
+
+@pytest.mark.parametrize(
+    ("topic_device", "packet_fields", "payload_edit", "reason"),
+    [
+        ("pi-2", {"device": "pi-1"}, None, RejectReason.DEVICE_MISMATCH),
+        ("pi-1", {"device": "pi-1", "federation": "other"}, None, RejectReason.WRONG_FEDERATION),
+        ("pi-1", {"device": "pi-1"}, lambda b: b[:-9], RejectReason.CORRUPT_COMPRESSION),
+        ("pi-1", {"device": "pi-1"}, lambda b: b"", RejectReason.EMPTY),
+    ],
+)
+def test_rejections_carry_a_reason_and_store_nothing(
+    store, topic_device, packet_fields, payload_edit, reason
+):
+    payload = encode(make_packet(seed=2, **packet_fields))
+    if payload_edit:
+        payload = payload_edit(payload)
+    ack = store_packet(store, "fed", knowledge_topic("fed", topic_device), payload, max_bytes=1 << 20)
+    assert not ack.accepted and ack.reason == reason and ack.device == topic_device
+    assert list(store.list("")) == []
+
+
+def test_oversize_packet_is_refused(store):
+    payload = encode(make_packet(seed=3, sequences=20, length=50))
+    ack = store_packet(store, "fed", knowledge_topic("fed", "dev-1"), payload, max_bytes=len(payload) - 1)
+    assert ack.reason == RejectReason.TOO_LARGE
+
+
+def test_a_topic_that_is_not_a_knowledge_topic_is_an_error(store):
+    with pytest.raises(InvalidTopic):
+        store_packet(store, "fed", status_topic("fed", "pi-1"), b"x", max_bytes=1024)
+    with pytest.raises(InvalidTopic):
+        store_packet(store, "fed", knowledge_topic("other", "pi-1"), b"x", max_bytes=1024)

@@ -1,0 +1,121 @@
+"""Control messages: JSON round trips, unknown fields kept, missing or bad fields named."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from deepfusion.shared.messages import (
+    Ack,
+    DeviceCard,
+    DeviceState,
+    DeviceStatus,
+    MessageError,
+    Metrics,
+    RejectReason,
+    ReleaseNote,
+    RoundSpec,
+    ShardAssignment,
+    ShardRef,
+    decode_message,
+    encode_message,
+)
+
+FP = "0f" * 32
+
+
+def card(**overrides):
+    fields = dict(
+        federation="fed",
+        device="pi-1",
+        model_family="llama",
+        model_params=2_560_000,
+        tokenizer=FP,
+        vocab_size=4096,
+        backend="llama_cpp",
+        stages=4,
+        feature_width=192,
+        embedding=[-128, 127, *range(30)],
+    )
+    fields.update(overrides)
+    return DeviceCard(**fields)
+
+
+def round_spec(**overrides):
+    fields = dict(
+        federation="fed",
+        round=2,
+        tokenizer=FP,
+        shards=[ShardRef(shard="s0", url="file:///tmp/s0.jsonl.zst", sha256=FP, sequences=100)],
+        assignments={"pi-1": [ShardAssignment(shard="s0", start=0, stop=50)]},
+        top_k=32,
+        top_p=0.9,
+        stages=4,
+        patches=8,
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )
+    fields.update(overrides)
+    return RoundSpec(**fields)
+
+
+MESSAGES = [
+    card(),
+    DeviceStatus(federation="fed", device="pi-1", state=DeviceState.SCORING, round=2, sequences_done=3),
+    round_spec(),
+    Ack(federation="fed", device="pi-1", round=2, packet=FP, accepted=True, duplicate=True),
+    Ack(federation="fed", device="pi-1", round=2, packet=FP, accepted=False, reason=RejectReason.BAD_NLL),
+    ReleaseNote(federation="fed", version="r3", round=2, uri="s3://b/fed/releases/r3/", metrics={"ppl": 5.2}),
+    Metrics(federation="fed", source="trainer", phase="II", step=10, values={"loss": 3.1}),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(message):
+    back = decode_message(type(message), encode_message(message))
+    assert back == message
+    assert back.schema_version == 1
+
+
+def test_unknown_fields_are_kept():
+    data = encode_message(card()).replace(b'"schema_version":1', b'"schema_version":2,"gpu":"orin"')
+    parsed = decode_message(DeviceCard, data)
+    assert parsed.model_extra == {"gpu": "orin"}
+    assert b'"gpu":"orin"' in encode_message(parsed)
+
+
+def test_missing_fields_are_named():
+    with pytest.raises(MessageError) as info:
+        decode_message(DeviceCard, b'{"federation": "fed", "device": "pi-1"}')
+    message = str(info.value)
+    for name in ("model_family", "tokenizer", "embedding", "backend"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: card(device="Pi/1"), "device"),
+        (lambda: card(embedding=[0] * 31), "embedding"),
+        (lambda: card(embedding=[200] * 32), "embedding"),
+        (lambda: card(tokenizer="xyz"), "tokenizer"),
+        (lambda: card(backend="tensorflow"), "backend"),
+        (lambda: round_spec(assignments={"pi-1": [ShardAssignment(shard="nope", start=0, stop=1)]}), "nope"),
+        (lambda: round_spec(assignments={"Bad Id": []}), "device id"),
+        (lambda: ShardAssignment(shard="s0", start=5, stop=5), "start"),
+        (lambda: Ack(federation="f", device="d", round=0, packet=FP, accepted=False), "reason"),
+        (
+            lambda: Ack(federation="f", device="d", round=0, packet=FP, accepted=True, reason="empty"),
+            "reason",
+        ),
+    ],
+)
+def test_invalid_messages_say_what_is_wrong(build, field):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert field in str(info.value)
+
+
+def test_not_json_is_a_message_error():
+    with pytest.raises(MessageError):
+        decode_message(Ack, b"\x00\xff not json")

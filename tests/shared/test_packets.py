@@ -1,0 +1,355 @@
+"""The knowledge-packet codec: round trips, every validation rule, hostile bytes, the packet builder."""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deepfusion.shared.messages import RejectReason
+from deepfusion.shared.packets import (
+    DEFAULT_BUDGET,
+    MAGIC,
+    KnowledgePacket,
+    PacketBuilder,
+    PacketError,
+    SequenceTooLarge,
+    apply_top_p,
+    decode,
+    encode,
+    sentinel_for,
+)
+from tests.shared.packet_factory import make_header, make_packet, make_sequence, raw_bytes
+
+
+def assert_same_packet(a: KnowledgePacket, b: KnowledgePacket) -> None:
+    assert a.header == b.header
+    ta, tb = a.tensors(), b.tensors()
+    assert ta.keys() == tb.keys()
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype, name
+        assert np.array_equal(ta[name], tb[name]), name
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    sequences=st.integers(1, 5),
+    length=st.integers(1, 40),
+    top_k=st.sampled_from([1, 2, 8, 16, 32]),
+    vocab_size=st.sampled_from([40, 1000, 70_000]),
+    stages=st.sampled_from([(), (0,), (1, 3), (0, 1, 2, 3)]),
+    patches=st.integers(1, 4),
+    width=st.sampled_from([1, 8, 48]),
+    top_p=st.none() | st.floats(0.05, 1.0),
+)
+def test_round_trip(seed, sequences, length, top_k, vocab_size, stages, patches, width, top_p):
+    packet = make_packet(
+        seed,
+        sequences,
+        length,
+        top_k=top_k,
+        vocab_size=vocab_size,
+        feature_stages=stages,
+        patches=patches,
+        feature_width=width if stages else 0,
+        top_p=top_p,
+    )
+    if top_p is not None:
+        ids, logprobs = apply_top_p(packet.topk_ids, packet.topk_logprobs, top_p)
+        packet = KnowledgePacket(
+            **{**packet.tensors(), "topk_ids": ids, "topk_logprobs": logprobs}, header=packet.header
+        )
+    decoded = decode(encode(packet))
+    assert_same_packet(packet, decoded)
+    expected_dtype = np.uint16 if vocab_size < 2**16 else np.uint32
+    assert decoded.topk_ids.dtype == expected_dtype
+    for original, back in zip(packet.sequences(), decoded.sequences(), strict=True):
+        assert original.sequence_id == back.sequence_id
+        assert np.array_equal(original.topk_logprobs, back.topk_logprobs)
+
+
+def test_sequences_view_matches_inputs():
+    rng = np.random.default_rng(1)
+    header = make_header()
+    seqs = [make_sequence(rng, header, sid, length) for sid, length in [(5, 3), (9, 11), (2, 1)]]
+    packet = decode(encode(KnowledgePacket.from_sequences(header, seqs)))
+    assert packet.num_tokens == 15
+    for original, back in zip(seqs, packet.sequences(), strict=True):
+        assert back.sequence_id == original.sequence_id
+        assert np.array_equal(back.token_ids, original.token_ids)
+        assert np.array_equal(back.topk_ids, original.topk_ids)
+        assert np.allclose(back.topk_logprobs, original.topk_logprobs, atol=1e-2)
+        assert back.features is not None and back.features.shape == (4, 2, 16)
+
+
+# --- every validation rule, fed through the wire ------------------------------------------------
+
+Tensors = dict[str, np.ndarray]
+Meta = dict[str, str]
+
+
+def _set(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensors, Meta], None]:
+    def mutate(tensors: Tensors, meta: Meta) -> None:
+        tensors[name] = fn(tensors[name].copy())
+
+    return mutate
+
+
+def _at(index: tuple, value: float | int) -> Callable[[np.ndarray], np.ndarray]:
+    def fn(array: np.ndarray) -> np.ndarray:
+        array[index] = value
+        return array
+
+    return fn
+
+
+def _meta(key: str, value: str | None) -> Callable[[Tensors, Meta], None]:
+    def mutate(tensors: Tensors, meta: Meta) -> None:
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+
+    return mutate
+
+
+def _drop(name: str) -> Callable[[Tensors, Meta], None]:
+    return lambda tensors, meta: tensors.pop(name)
+
+
+def _duplicate_id(array: np.ndarray) -> np.ndarray:
+    array[0, 1] = array[0, 0]
+    return array
+
+
+def _mass_above_one(tensors: Tensors, meta: Meta) -> None:
+    lp = tensors["topk_logprobs"].copy()
+    lp[2, :] = np.log(np.float16(0.5))  # eight entries of 0.5 each
+    tensors["topk_logprobs"] = lp
+
+
+def _sentinel_inside(tensors: Tensors, meta: Meta) -> None:
+    ids, lp = tensors["topk_ids"].copy(), tensors["topk_logprobs"].copy()
+    ids[0, 2], lp[0, 2] = sentinel_for(ids.dtype), -np.inf
+    tensors["topk_ids"], tensors["topk_logprobs"] = ids, lp
+
+
+def _repeat_sequence(tensors: Tensors, meta: Meta) -> None:
+    tensors["sequence_ids"] = np.zeros_like(tensors["sequence_ids"])
+
+
+RULES = [
+    ("missing metadata field", _meta("federation", None), RejectReason.BAD_METADATA),
+    ("unsafe device id", _meta("device", "a/#"), RejectReason.BAD_METADATA),
+    ("non-numeric round", _meta("round", "three"), RejectReason.BAD_METADATA),
+    ("feature stage beyond J", _meta("stages", "2"), RejectReason.BAD_METADATA),
+    ("newer schema", _meta("schema_version", "99"), RejectReason.UNSUPPORTED_VERSION),
+    ("missing tensor", _drop("seq_nll"), RejectReason.MISSING_TENSOR),
+    ("features announced, absent", _drop("features"), RejectReason.MISSING_TENSOR),
+    ("features not announced", _meta("feature_stages", ""), RejectReason.UNEXPECTED_TENSOR),
+    ("unknown tensor", lambda t, m: t.update(extra=np.zeros(3, np.float32)), RejectReason.UNEXPECTED_TENSOR),
+    ("float32 log-probs", _set("topk_logprobs", lambda a: a.astype(np.float32)), RejectReason.BAD_DTYPE),
+    ("int64 token ids", _set("token_ids", lambda a: a.astype(np.int64)), RejectReason.BAD_DTYPE),
+    ("k differs from header", _meta("top_k", "7"), RejectReason.BAD_SHAPE),
+    ("lengths disagree with tokens", _set("seq_lengths", _at((0,), 2)), RejectReason.BAD_SHAPE),
+    ("wrong feature width", _meta("feature_width", "15"), RejectReason.BAD_SHAPE),
+    ("repeated sequence id", _repeat_sequence, RejectReason.BAD_SEQUENCES),
+    ("span ends before start", _set("offsets", _at((1, 0), 999)), RejectReason.BAD_OFFSETS),
+    ("token id beyond vocab", _set("token_ids", _at((0,), 1000)), RejectReason.ID_OUT_OF_VOCAB),
+    ("top-k id beyond vocab", _set("topk_ids", _at((3, 4), 5000)), RejectReason.ID_OUT_OF_VOCAB),
+    ("duplicate top-k id", _set("topk_ids", _duplicate_id), RejectReason.DUPLICATE_TOPK_ID),
+    ("NaN log-prob", _set("topk_logprobs", _at((1, 1), np.nan)), RejectReason.BAD_LOGPROBS),
+    ("positive log-prob", _set("topk_logprobs", _at((1, 1), 0.5)), RejectReason.BAD_LOGPROBS),
+    ("-inf on a real id", _set("topk_logprobs", _at((1, 1), -np.inf)), RejectReason.BAD_LOGPROBS),
+    ("padding inside a row", _sentinel_inside, RejectReason.BAD_LOGPROBS),
+    ("row mass above one", _mass_above_one, RejectReason.MASS_EXCEEDS_ONE),
+    ("NaN sequence loss", _set("seq_nll", _at((0,), np.nan)), RejectReason.BAD_NLL),
+    ("negative sequence loss", _set("seq_nll", _at((0,), -1.0)), RejectReason.BAD_NLL),
+    ("infinite feature", _set("features", _at((0, 0, 0, 0), np.inf)), RejectReason.BAD_FEATURES),
+    ("huge feature", _set("features", _at((0, 0, 0, 0), 60000.0)), RejectReason.BAD_FEATURES),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "reason"), RULES, ids=[r[0] for r in RULES])
+def test_validation_rule(name, mutate, reason):
+    packet = make_packet(seed=7)
+    tensors, meta = packet.tensors(), packet.header.to_metadata()
+    decode(raw_bytes(tensors, meta))  # unmutated, it is accepted
+    mutate(tensors, meta)
+    with pytest.raises(PacketError) as info:
+        decode(raw_bytes(tensors, meta))
+    assert info.value.reason == reason, info.value
+
+
+def test_encoder_refuses_what_decoder_refuses():
+    packet = make_packet(seed=2)
+    bad = packet.tensors()
+    bad["seq_nll"] = np.array([1.0, np.inf, 2.0], dtype=np.float32)
+    with pytest.raises(PacketError) as info:
+        KnowledgePacket(header=packet.header, **bad)
+    assert info.value.reason == RejectReason.BAD_NLL
+
+
+def _frame(packet: KnowledgePacket) -> bytes:
+    return encode(packet)[len(MAGIC) :]
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason", "limit"),
+    [
+        ("empty", b"", RejectReason.EMPTY, None),
+        ("wrong magic", b"PK\x03\x04" + b"\0" * 64, RejectReason.BAD_MAGIC, None),
+        ("over the byte limit", MAGIC + b"\0" * 5000, RejectReason.TOO_LARGE, 4096),
+        ("not zstd", MAGIC + b"\x00" * 64, RejectReason.CORRUPT_COMPRESSION, None),
+        ("truncated frame", MAGIC + _frame(make_packet())[:-20], RejectReason.CORRUPT_COMPRESSION, None),
+        ("trailing bytes", MAGIC + _frame(make_packet()) + b"junk", RejectReason.CORRUPT_COMPRESSION, None),
+        (
+            "no declared size",
+            MAGIC + zstandard.ZstdCompressor(write_content_size=False).compress(b"x" * 100),
+            RejectReason.CORRUPT_COMPRESSION,
+            None,
+        ),
+        (
+            "not safetensors",
+            MAGIC + zstandard.ZstdCompressor().compress(b"\xff" * 64),
+            RejectReason.CORRUPT_CONTAINER,
+            None,
+        ),
+    ],
+)
+def test_malformed_bytes(name, data, reason, limit):
+    kwargs = {"max_bytes": limit} if limit else {}
+    with pytest.raises(PacketError) as info:
+        decode(data, **kwargs)
+    assert info.value.reason == reason
+
+
+def test_checksum_catches_a_flipped_bit_in_the_payload():
+    data = bytearray(encode(make_packet(seed=4)))
+    data[len(data) // 2] ^= 0x10
+    with pytest.raises(PacketError) as info:
+        decode(bytes(data))
+    assert info.value.reason == RejectReason.CORRUPT_COMPRESSION
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_decompression_bomb_is_refused_without_inflating():
+    size = 2 << 30  # 2 GiB of zeros compresses to a few hundred KiB
+    compressor = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    chunk = bytes(1 << 20)
+    frame = b"".join(compressor.compress(chunk) for _ in range(size // len(chunk))) + compressor.flush()
+    before = _peak_rss_mib()
+    with pytest.raises(PacketError) as info:
+        decode(MAGIC + frame, max_bytes=len(frame) + 4)
+    assert info.value.reason == RejectReason.TOO_LARGE
+    assert _peak_rss_mib() - before < 64
+
+
+@pytest.mark.slow
+def test_fuzz_only_packet_errors_escape_and_memory_stays_bounded():
+    rng = np.random.default_rng(1234)
+    valid = [encode(make_packet(seed=s, sequences=1 + s % 4, length=5 + s)) for s in range(8)]
+    blobs = []
+    for s in range(8):
+        packet = make_packet(seed=s)
+        blobs.append(bytearray(raw_bytes(packet.tensors(), packet.header.to_metadata())[len(MAGIC) :]))
+    decompress = zstandard.ZstdDecompressor().decompress
+    plain = [bytearray(decompress(bytes(b))) for b in blobs]
+
+    def candidates():
+        for _ in range(1500):  # random noise, sometimes behind the right magic
+            data = rng.bytes(int(rng.integers(0, 400)))
+            yield MAGIC + data if rng.random() < 0.5 else data
+        for i in range(1500):  # bit flips and truncations of valid packets (the checksum's job)
+            data = bytearray(valid[i % len(valid)])
+            if rng.random() < 0.5:
+                for _ in range(int(rng.integers(1, 8))):
+                    data[int(rng.integers(0, len(data)))] ^= 1 << int(rng.integers(0, 8))
+            else:
+                data = data[: int(rng.integers(0, len(data)))]
+            yield bytes(data)
+        for i in range(2000):  # forged containers with a valid frame: header, JSON and tensor bytes
+            blob = bytearray(plain[i % len(plain)])
+            mode = i % 4
+            if mode == 0:  # forged header length
+                blob[:8] = int(rng.integers(0, 2**63)).to_bytes(8, "little")
+            elif mode == 1:  # corrupt JSON header / shapes / offsets
+                for _ in range(int(rng.integers(1, 6))):
+                    blob[8 + int(rng.integers(0, 200))] = int(rng.integers(32, 127))
+            elif mode == 2:  # corrupt tensor data
+                for _ in range(int(rng.integers(1, 30))):
+                    blob[int(rng.integers(300, len(blob)))] = int(rng.integers(0, 256))
+            else:
+                blob = blob[: int(rng.integers(0, len(blob)))]
+            yield MAGIC + zstandard.ZstdCompressor(write_content_size=True).compress(bytes(blob))
+
+    before = _peak_rss_mib()
+    outcomes: dict[str, int] = {}
+    for data in candidates():
+        try:
+            decode(data)
+            outcomes["accepted"] = outcomes.get("accepted", 0) + 1
+        except PacketError as err:  # anything else escaping fails the test
+            outcomes[err.reason.value] = outcomes.get(err.reason.value, 0) + 1
+    assert sum(outcomes.values()) == 5000
+    assert outcomes.get("corrupt_container", 0) > 100 and outcomes.get("corrupt_compression", 0) > 100
+    assert _peak_rss_mib() - before < 100
+
+
+# --- the packet builder ------------------------------------------------------------------------
+
+
+def test_builder_fills_packets_to_the_budget_and_loses_nothing():
+    rng = np.random.default_rng(5)
+    header = make_header(vocab_size=4096, top_k=16, patches=4, feature_width=64)
+    sequences = [make_sequence(rng, header, i, int(rng.integers(10, 100))) for i in range(400)]
+    budget = DEFAULT_BUDGET  # about 25 of these sequences per packet
+    builder = PacketBuilder(header)
+    packets = [p for s in sequences for p in builder.add(s)] + builder.flush()
+    assert all(len(p) <= budget for p in packets)
+    assert len(packets) > 3
+    assert min(len(p) for p in packets[:-1]) > 0.9 * budget  # packets are full, not one per sequence
+    decoded = [decode(p) for p in packets]
+    ids = [s.sequence_id for packet in decoded for s in packet.sequences()]
+    assert ids == list(range(400))  # every sequence exactly once, in order
+    tokens = sum(packet.num_tokens for packet in decoded)
+    assert tokens == sum(len(s.token_ids) for s in sequences)
+
+
+def test_builder_reports_a_sequence_that_cannot_fit_alone():
+    rng = np.random.default_rng(6)
+    header = make_header(vocab_size=4096, top_k=32)
+    builder = PacketBuilder(header, budget=4096)
+    assert builder.add(make_sequence(rng, header, 1, 4)) == []
+    with pytest.raises(SequenceTooLarge) as info:
+        builder.add(make_sequence(rng, header, 2, 400))
+        builder.flush()
+    assert info.value.sequence_id == 2
+    assert info.value.size > 4096
+
+
+def test_top_p_keeps_the_shortest_prefix_reaching_p():
+    rng = np.random.default_rng(8)
+    header = make_header(top_k=32, vocab_size=200)
+    sequence = make_sequence(rng, header, 0, 50)
+    ids, logprobs = apply_top_p(sequence.topk_ids, sequence.topk_logprobs.astype(np.float16), 0.3)
+    probs = np.exp(logprobs.astype(np.float64))
+    kept = ids != sentinel_for(ids.dtype)
+    full_probs = np.exp(sequence.topk_logprobs.astype(np.float16).astype(np.float64))
+    for row in range(len(ids)):
+        n = int(kept[row].sum())
+        assert kept[row, :n].all() and not kept[row, n:].any()  # a prefix
+        reached = full_probs[row, :n].sum()
+        assert reached >= 0.3 or n == 32  # it reaches p (or uses all k)
+        assert full_probs[row, : n - 1].sum() < 0.3  # and is the shortest that does
+        assert np.allclose(probs[row, :n], full_probs[row, :n])
+    assert kept.sum() < kept.size  # it actually dropped something at this entropy

@@ -1,0 +1,418 @@
+"""The object store: one suite run against a local folder and a real S3 server (SeaweedFS)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import pytest
+
+from deepfusion.shared.config import StoreConfig
+from deepfusion.shared.store import ObjectNotFound, ObjectStore, StoreError, open_store, validate_key
+from deepfusion.shared.store.local import LocalStore
+from tests.fixtures.s3server import S3Server
+
+MiB = 1024 * 1024
+StoreFactory = Callable[..., ObjectStore]
+
+
+def _use_server_credentials(monkeypatch: pytest.MonkeyPatch, server: S3Server, tmp_path: Path) -> None:
+    """Point boto3's standard chain at the test server only, whatever the developer's ~/.aws holds."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_store(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> StoreFactory:
+    """Opens the backend on an empty root: a fresh folder, or a fresh prefix in the test bucket.
+
+    Keyword arguments are S3Store options (the multipart threshold); the local store has none.
+    """
+    if backend == "local":
+        root = tmp_path / "area" / "store"
+        return lambda **_: open_store(str(root))
+    server: S3Server = request.getfixturevalue("s3_server")
+    _use_server_credentials(monkeypatch, server, tmp_path)
+    prefix = f"test-{uuid.uuid4().hex}"
+
+    def make(**s3_options: Any) -> ObjectStore:
+        if not s3_options:
+            return open_store(
+                StoreConfig(uri=f"s3://{server.bucket}/{prefix}", endpoint_url=server.endpoint_url)
+            )
+        from deepfusion.shared.store.s3 import S3Store
+
+        return S3Store(server.bucket, prefix, endpoint_url=server.endpoint_url, **s3_options)
+
+    return make
+
+
+@pytest.fixture
+def store(make_store: StoreFactory) -> ObjectStore:
+    return make_store()
+
+
+def _fetch(url: str) -> bytes:
+    """Fetch a URL as a device would: plain HTTP without credentials, or a file read."""
+    if url.startswith("file://"):
+        return Path(url2pathname(urlsplit(url).path)).read_bytes()
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+# --- both backends --------------------------------------------------------------------------------
+
+
+def test_round_trip_of_empty_text_and_binary_objects(store: ObjectStore) -> None:
+    assert isinstance(store, ObjectStore)
+    payloads = {
+        "empty": b"",
+        "text.json": b'{"round": 1}',
+        "binary/all-bytes": bytes(range(256)) * 64,
+        "binary/random.bin": os.urandom(300_000),
+        "fed/unicode ünï cöde/x.dfk": b"\x00\xff" * 10,
+    }
+    for key, data in payloads.items():
+        store.put(key, data)
+    for key, data in payloads.items():
+        assert store.get(key) == data
+
+
+def test_overwrite_replaces_the_whole_object(store: ObjectStore) -> None:
+    store.put("state.json", b"a much longer first version of the object")
+    store.put("state.json", b"v2")
+    assert store.get("state.json") == b"v2"
+
+
+def test_exists_and_idempotent_delete(store: ObjectStore) -> None:
+    assert not store.exists("r1/state.json")
+    store.put("r1/state.json", b"{}")
+    assert store.exists("r1/state.json")
+    assert not store.exists("r1")  # a prefix is not an object
+    store.delete("r1/state.json")
+    assert not store.exists("r1/state.json")
+    store.delete("r1/state.json")
+    store.delete("never/existed")
+    with pytest.raises(ObjectNotFound):
+        store.get("r1/state.json")
+    # After its only object is gone, "r1" can itself be a key (S3 has no directories).
+    store.put("r1", b"now a file")
+    assert store.get("r1") == b"now a file"
+
+
+def test_get_of_missing_key_raises_object_not_found(store: ObjectStore) -> None:
+    store.put("present", b"x")
+    with pytest.raises(ObjectNotFound) as info:
+        store.get("missing/key.dfk")
+    assert isinstance(info.value, KeyError)
+    assert isinstance(info.value, StoreError)
+    assert info.value.key == "missing/key.dfk"
+    assert "missing/key.dfk" in str(info.value)
+
+
+def test_list_uses_plain_string_prefixes(store: ObjectStore) -> None:
+    keys = ["a/b/x", "a/b/y/z", "a/bc", "a/c", "a.c", "b", "a-b"]
+    for key in keys:
+        store.put(key, key.encode())
+    assert list(store.list()) == sorted(keys)
+    assert list(store.list("a/b")) == ["a/b/x", "a/b/y/z", "a/bc"]
+    assert list(store.list("a/b/")) == ["a/b/x", "a/b/y/z"]
+    assert list(store.list("a")) == ["a-b", "a.c", "a/b/x", "a/b/y/z", "a/bc", "a/c"]
+    assert list(store.list("a/b/y/z")) == ["a/b/y/z"]
+    assert list(store.list("nothing/here")) == []
+    assert list(store.list("zz")) == []
+
+
+def test_list_of_more_keys_than_one_s3_page(store: ObjectStore) -> None:
+    keys = [f"fed/rounds/r1/knowledge/dev-{i % 7}/{i:05d}.dfk" for i in range(1_100)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda key: store.put(key, key.encode()), keys))
+    store.put("fed/rounds/r10/state.json", b"{}")
+    store.put("fed/rounds/r1.json", b"{}")
+
+    assert list(store.list("fed/rounds/r1/")) == sorted(keys)
+    assert len(list(store.list("fed/rounds/r1"))) == 1_102
+    assert list(store.list("fed/rounds/r1/knowledge/dev-3/")) == sorted(k for k in keys if "/dev-3/" in k)
+
+
+def test_multipart_sized_object_round_trips_byte_identical(
+    make_store: StoreFactory, backend: str, request: pytest.FixtureRequest
+) -> None:
+    store = make_store(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    data = os.urandom(12 * MiB + 12_345)
+    store.put("checkpoints/run/3/model.safetensors", data)
+    assert store.get("checkpoints/run/3/model.safetensors") == data
+    if backend == "s3":
+        # A multipart upload's ETag is "<md5 of part md5s>-<part count>": proof the parts path ran.
+        import boto3
+
+        server: S3Server = request.getfixturevalue("s3_server")
+        client = boto3.client("s3", endpoint_url=server.endpoint_url, region_name=server.region)
+        name = store.prefix + "checkpoints/run/3/model.safetensors"  # type: ignore[attr-defined]
+        etag = client.head_object(Bucket=server.bucket, Key=name)["ETag"]
+        assert etag.strip('"').endswith("-3")
+
+
+def test_url_serves_the_object_without_credentials(store: ObjectStore, backend: str) -> None:
+    data = os.urandom(50_000)
+    store.put("fed/shards/s0.jsonl.zst", data)
+    url = store.url("fed/shards/s0.jsonl.zst")
+    if backend == "s3":
+        assert url.startswith("http") and "X-Amz-Signature=" in url
+        assert "X-Amz-Expires=900" in url  # the config's default lifetime
+    else:
+        assert url.startswith("file:///")
+    assert _fetch(url) == data
+
+
+BAD_KEYS = [
+    "",
+    "/abs/key",
+    "../escape",
+    "a/../../escape",
+    "..",
+    ".",
+    "./a",
+    "a/./b",
+    "a\\b",
+    "a\x00b",
+    "a//b",
+    "a/",
+    "x" * 1025,
+    "é" * 513,  # 1,026 bytes in UTF-8
+]
+
+
+@pytest.mark.parametrize("key", BAD_KEYS, ids=lambda k: repr(k[:12]))
+def test_invalid_keys_are_rejected_by_every_method(store: ObjectStore, key: str, tmp_path: Path) -> None:
+    calls: list[Callable[[], object]] = [
+        lambda: store.put(key, b"x"),
+        lambda: store.get(key),
+        lambda: store.exists(key),
+        lambda: store.delete(key),
+        lambda: store.url(key),
+    ]
+    for call in calls:
+        with pytest.raises(StoreError, match="invalid object key") as info:
+            call()
+        assert not isinstance(info.value, ObjectNotFound)
+        assert repr(key[:80]) in str(info.value)
+    # Nothing was written anywhere, in the store's root or beside it.
+    assert list(store.list()) == []
+    assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "area" / "escape").exists()
+
+
+@pytest.mark.parametrize("prefix", ["/a", "../", "a/../", "a//", "a\\b"])
+def test_invalid_listing_prefixes_are_rejected(store: ObjectStore, prefix: str) -> None:
+    with pytest.raises(StoreError, match="invalid listing prefix"):
+        store.list(prefix)
+
+
+def test_longest_allowed_key_is_accepted() -> None:
+    key = "/".join(["x" * 200] * 5) + "/" + "y" * 19
+    assert len(key.encode()) == 1024
+    assert validate_key(key) == key
+
+
+# --- local folder ---------------------------------------------------------------------------------
+
+
+def test_local_store_opens_from_file_uri_and_plain_path(tmp_path: Path) -> None:
+    root = tmp_path / "folder with space"
+    open_store(root.as_uri()).put("k", b"via file uri")
+    assert open_store(str(root)).get("k") == b"via file uri"
+    assert open_store(StoreConfig(uri=str(root))).url("k") == (root / "k").as_uri()
+    assert (root / "k").read_bytes() == b"via file uri"
+    with pytest.raises(StoreError, match="unsupported scheme"):
+        open_store("gs://bucket/prefix")
+    with pytest.raises(StoreError, match="local path"):
+        open_store("file://otherhost/srv/store")
+
+
+def test_local_put_is_atomic_for_concurrent_readers(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    first, second = b"A" * (4 * MiB), b"B" * (6 * MiB + 1)
+    store.put("fed/model.bin", first)
+    stop = threading.Event()
+    seen = {"first": 0, "second": 0}
+    problems: list[object] = []
+
+    def read_repeatedly() -> None:
+        while not stop.is_set():
+            data = store.get("fed/model.bin")
+            if data == first:
+                seen["first"] += 1
+            elif data == second:
+                seen["second"] += 1
+            else:
+                problems.append(f"partial object of {len(data)} bytes")
+            listed = list(store.list())
+            if listed != ["fed/model.bin"]:
+                problems.append(listed)
+
+    reader = threading.Thread(target=read_repeatedly)
+    reader.start()
+    try:
+        for i in range(30):
+            store.put("fed/model.bin", second if i % 2 == 0 else first)
+    finally:
+        stop.set()
+        reader.join()
+    assert problems == []
+    assert seen["first"] > 0 and seen["second"] > 0  # the reader really ran during the writes
+
+
+def _files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_local_failed_write_keeps_old_object_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put("fed/state.json", b"old")
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, os.strerror(28))  # ENOSPC, as a full disk reports it at fsync
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", disk_full)
+        with pytest.raises(StoreError) as info:
+            store.put("fed/state.json", b"new contents that do not fit")
+    message = str(info.value)
+    assert "'fed/state.json'" in message
+    assert str(tmp_path / "store" / "fed" / "state.json") in message
+    assert os.strerror(28) in message
+    assert store.get("fed/state.json") == b"old"
+    assert _files_under(tmp_path / "store") == ["fed/state.json"]
+
+
+def test_local_write_onto_a_directory_fails_cleanly(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put("fed/rounds/r1/state.json", b"kept")
+    with pytest.raises(StoreError, match=r"cannot write object 'fed/rounds'"):
+        store.put("fed/rounds", b"cannot replace a folder")
+    assert store.get("fed/rounds/r1/state.json") == b"kept"
+    assert _files_under(tmp_path / "store") == ["fed/rounds/r1/state.json"]
+    assert list(store.list()) == ["fed/rounds/r1/state.json"]
+
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+
+def _s3_store(server: S3Server, uri: str, **options: Any) -> ObjectStore:
+    return open_store(StoreConfig(uri=uri, endpoint_url=server.endpoint_url, **options))
+
+
+@pytest.mark.s3
+def test_s3_expired_presigned_url_is_refused(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    store = _s3_store(s3_server, f"s3://{s3_server.bucket}/test-{uuid.uuid4().hex}")
+    store.put("shard", b"public text")
+    url = store.url("shard", expires_s=1)
+    assert "X-Amz-Expires=1&" in url or url.endswith("X-Amz-Expires=1")
+    time.sleep(2.5)
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _fetch(url)
+    assert info.value.code == 403
+    assert _fetch(store.url("shard")) == b"public text"
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("which", ["secret", "access key"])
+def test_s3_wrong_credentials_are_reported_as_such(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, which: str
+) -> None:
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    if which == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody")
+    store = _s3_store(s3_server, f"s3://{s3_server.bucket}/test")
+    for call in (lambda: store.put("k", b"x"), lambda: store.get("k"), lambda: list(store.list())):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert not isinstance(info.value, ObjectNotFound)
+        assert "credentials were refused" in str(info.value)
+        assert s3_server.endpoint_url in str(info.value)
+
+
+@pytest.mark.s3
+def test_s3_missing_bucket_is_reported_as_such(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    store = _s3_store(s3_server, "s3://no-such-bucket-here/prefix")
+    for call in (lambda: store.put("k", b"x"), lambda: store.get("k"), lambda: list(store.list())):
+        with pytest.raises(StoreError) as info:
+            call()
+        assert not isinstance(info.value, ObjectNotFound)
+        assert "bucket 'no-such-bucket-here' does not exist" in str(info.value)
+
+
+@pytest.mark.s3
+def test_s3_unreachable_endpoint_is_reported_as_such(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port that was just free, so nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    cfg = StoreConfig(uri="s3://bucket/p", endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1")
+    store = open_store(cfg.model_copy(update={"max_attempts": 1}))
+    with pytest.raises(StoreError, match=f"endpoint http://127.0.0.1:{port} is unreachable"):
+        store.get("k")
+
+
+def test_store_imports_and_explains_without_boto3() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['boto3'] = None\n"
+        "sys.modules['botocore'] = None\n"
+        "from deepfusion.shared.store import StoreError, open_store\n"
+        "try:\n"
+        "    open_store('s3://b/p')\n"
+        "except StoreError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    raise SystemExit('open_store did not fail')\n"
+        "assert sys.modules['boto3'] is None\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "pip install 'deepfusion-shared[s3]'" in result.stdout
+
+
+def test_object_not_found_survives_pickling() -> None:
+    error = pickle.loads(pickle.dumps(ObjectNotFound("fed/x.dfk", "s3://b/p/")))
+    assert isinstance(error, KeyError) and error.key == "fed/x.dfk"
+    assert str(error) == "no object 'fed/x.dfk' in s3://b/p/"
