@@ -363,9 +363,24 @@ def _validate(p: KnowledgePacket) -> None:
             raise _fail(RejectReason.BAD_FEATURES, f"features must be finite with |x| <= {FEATURE_BOUND:g}")
 
 
+def _canonical(blob: bytes) -> bytes:
+    """The same safetensors blob with its JSON header keys sorted.
+
+    safetensors writes the header from a hash map, so its key order (and the packet's sha256, which is
+    its object-store key) would change from one encode to the next. Sorting keeps the JSON the same
+    length, so the padded header and every data offset stay as they are.
+    """
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + length])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(canonical) > length:  # cannot happen for the compact JSON safetensors writes; be safe
+        return blob
+    return blob[:8] + canonical.ljust(length, b" ") + blob[8 + length :]
+
+
 def encode(packet: KnowledgePacket, *, level: int = 3) -> bytes:
-    """Bytes of a (validated) packet: magic + zstd(safetensors)."""
-    blob = safetensors.numpy.save(packet.tensors(), metadata=packet.header.to_metadata())
+    """Bytes of a (validated) packet: magic + zstd(safetensors). The same packet gives the same bytes."""
+    blob = _canonical(safetensors.numpy.save(packet.tensors(), metadata=packet.header.to_metadata()))
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     return MAGIC + compressor.compress(blob)
 
