@@ -14,10 +14,13 @@ REQS := packaging/requirements-dev.txt packaging/constraints.txt shared/pyprojec
 
 setup: $(STAMP)
 
+# llama-cpp-python (deepfusion-edge[gguf]) builds from source, minutes on 2 cores; pip caches the built
+# wheel, so a second install on the same machine does not recompile. GGML_NATIVE=OFF: a portable build.
 $(STAMP): $(REQS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c packaging/constraints.txt -r packaging/requirements-dev.txt
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PIP) install --quiet -c packaging/constraints.txt -r packaging/requirements-dev.txt
 	touch $(STAMP)
 
 # The broker the tests and the demo start on a free loopback port.
@@ -36,6 +39,7 @@ lint: setup
 
 bench: setup system-deps
 	$(PY) benchmarks/bench_packets.py
+	$(PY) benchmarks/bench_edge.py --threads 1
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .hypothesis results

@@ -6,6 +6,7 @@ import typer
 
 from deepfusion.edge import __version__
 from deepfusion.edge.inspect_packets import inspect
+from deepfusion.edge.model_cli import export, finetune, info, score
 
 app = typer.Typer(
     name="deepfusion-edge",
@@ -36,6 +37,10 @@ def _root(
 
 
 app.command()(inspect)
+app.command()(finetune)
+app.command()(export)
+app.command()(score)
+app.command()(info)
 
 
 def main() -> None:

@@ -1,0 +1,308 @@
+"""LoRA fine-tuning of a local causal LM on the device's private text (peft), CPU or CUDA.
+
+    result = finetune(FinetuneSettings(model="base/", data="notes.jsonl", output="run/", steps=200))
+
+Data: the texts of a `.jsonl` ("text" fields) or plain-text file, tokenized with the model's tokenizer,
+joined with the end-of-text token and cut into blocks of `max_tokens`; a seeded `val_fraction` of the
+blocks (at least one) is held out for the validation loss. Training: AdamW on the LoRA weights only
+(every linear layer but the LM head), linear warm-up then constant, gradient accumulation, gradient
+clipping at 1.0; bf16 autocast where the hardware supports it (CUDA with bf16); optionally a 4-bit NF4
+base (QLoRA) when bitsandbytes and a CUDA device are present.
+
+The output directory holds `checkpoints/step-N/` (adapter, optimizer and RNG state; `--resume` picks
+the newest), `adapter/` (the final LoRA adapter), `merged/` with `merge=True` (a plain transformers
+checkpoint: the base in float32 with the adapter folded in, loadable without peft) and `result.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from deepfusion.edge.errors import ErrorCode, ModelError, require
+from deepfusion.edge.scoring import read_texts
+
+__all__ = ["FinetuneResult", "FinetuneSettings", "evaluate_loss", "finetune", "merge_adapter"]
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model: Path  # base checkpoint directory (config.json, weights, tokenizer)
+    data: Path  # .jsonl or text file of private text
+    output: Path
+    steps: int = 100  # optimizer steps
+    batch_size: int = 4  # blocks per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_tokens: int = 128  # block length
+    lr: float = 1e-3  # LoRA tolerates a much higher rate than full fine-tuning
+    warmup_steps: int = 10
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    val_fraction: float = 0.1
+    eval_batches: int = 8  # validation micro-batches per evaluation (bounded cost)
+    save_every: int = 50  # checkpoint period in optimizer steps (0: only at the end)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: Literal["auto", "on", "off"] = "auto"
+    qlora: bool = False
+    resume: bool = False
+    merge: bool = False
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    steps: int
+    tokens_seen: int
+    train_loss_first: float
+    train_loss_last: float  # mean of the last tenth of the steps
+    val_loss_before: float
+    val_loss_after: float
+    seconds: float
+    device: str
+    precision: str
+    adapter: str
+    merged: str | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _blocks(tokenizer: Any, data: Path, max_tokens: int) -> np.ndarray:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    stream: list[int] = []
+    for text in read_texts(data):
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(eos)
+    count = len(stream) // max_tokens
+    if count < 2:
+        raise ModelError(
+            ErrorCode.BAD_INPUT,
+            f"{data} gives {len(stream)} tokens: fewer than two blocks of {max_tokens}",
+            "provide more text or lower --max-tokens",
+        )
+    return np.asarray(stream[: count * max_tokens], dtype=np.int64).reshape(count, max_tokens)
+
+
+def _device(settings: FinetuneSettings, torch: Any) -> str:
+    if settings.device == "cuda" or settings.qlora:
+        if not torch.cuda.is_available():
+            raise ModelError(
+                ErrorCode.NO_CUDA,
+                "QLoRA (4-bit NF4 base) needs a CUDA device"
+                if settings.qlora
+                else "no CUDA device is available",
+                "train without --qlora (LoRA on a float32 base works on CPU), or run on a CUDA machine",
+            )
+        return "cuda"
+    if settings.device == "auto" and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _precision(settings: FinetuneSettings, device: str, torch: Any) -> str:
+    if settings.bf16 == "off":
+        return "fp32"
+    if settings.bf16 == "on":
+        return "bf16"
+    return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _load_base(settings: FinetuneSettings, device: str, torch: Any) -> Any:
+    transformers = require("transformers")
+    if settings.qlora:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelError(
+                ErrorCode.MISSING_EXTRA,
+                "QLoRA needs bitsandbytes, which is not installed",
+                "pip install bitsandbytes (CUDA machines only), or train without --qlora",
+            ) from None
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            settings.model, quantization_config=quantization, device_map={"": 0}
+        )
+        peft = require("peft")
+        return peft.prepare_model_for_kbit_training(model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+    return model.to(device)
+
+
+def evaluate_loss(
+    model: Any, blocks: np.ndarray, batch_size: int, device: str, limit: int | None = None
+) -> float:
+    """Mean next-token loss over `blocks` (at most `limit` micro-batches), token-weighted."""
+    torch = require("torch")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i, start in enumerate(range(0, len(blocks), batch_size)):
+            if limit is not None and i >= limit:
+                break
+            batch = torch.from_numpy(blocks[start : start + batch_size]).to(device)
+            loss = model(input_ids=batch, labels=batch).loss
+            tokens = batch.shape[0] * (batch.shape[1] - 1)
+            total += float(loss) * tokens
+            count += tokens
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _latest_checkpoint(output: Path) -> Path | None:
+    found = sorted(output.glob("checkpoints/step-*/trainer_state.pt"), key=lambda p: int(p.parent.name[5:]))
+    return found[-1].parent if found else None
+
+
+def _save_checkpoint(
+    output: Path, step: int, model: Any, optimizer: Any, history: list[dict[str, float]]
+) -> None:
+    torch = require("torch")
+    directory = output / "checkpoints" / f"step-{step}"
+    partial = directory.with_name(directory.name + ".partial")
+    model.save_pretrained(partial)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state(),
+        "python_rng": random.getstate(),
+    }
+    torch.save(state, partial / "trainer_state.pt")
+    partial.replace(directory)
+
+
+def merge_adapter(base: Path, adapter: Path, output: Path) -> Path:
+    """base (float32) + LoRA adapter -> a plain transformers checkpoint in `output`."""
+    torch = require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(output)
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(output)
+    return output
+
+
+def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneResult:
+    torch = require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
+    from tqdm.auto import tqdm
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = _device(settings, torch)
+    precision = _precision(settings, device, torch)
+    random.seed(settings.seed)
+    np.random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
+    blocks = _blocks(tokenizer, settings.data, settings.max_tokens)
+    order = np.random.default_rng(settings.seed).permutation(len(blocks))
+    n_val = max(1, round(len(blocks) * settings.val_fraction))
+    val, train = blocks[order[:n_val]], blocks[order[n_val:]]
+
+    model = _load_base(settings, device, torch)
+    lora = peft.LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    history: list[dict[str, float]] = []
+    start_step = 0
+    output = settings.output
+    output.mkdir(parents=True, exist_ok=True)
+    checkpoint = _latest_checkpoint(output) if settings.resume else None
+    if checkpoint is not None:
+        peft.set_peft_model_state_dict(model, peft.load_peft_weights(str(checkpoint), device=device))
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        start_step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(state["numpy_rng"])
+        random.setstate(state["python_rng"])
+    val_before = evaluate_loss(model, val, settings.batch_size, device, settings.eval_batches)
+
+    rng = np.random.default_rng(settings.seed + start_step)
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    model.train()
+    started = time.perf_counter()
+    tokens = 0
+    bar = tqdm(
+        range(start_step, settings.steps),
+        initial=start_step,
+        total=settings.steps,
+        desc="LoRA",
+        unit="step",
+        disable=not progress,
+    )
+    for step in bar:
+        lr = settings.lr * min(1.0, (step + 1) / max(1, settings.warmup_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(settings.grad_accum):
+            rows = rng.integers(0, len(train), size=settings.batch_size)
+            batch = torch.from_numpy(train[rows]).to(device)  # (B, T)
+            with autocast:
+                loss = model(input_ids=batch, labels=batch).loss / settings.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+            tokens += batch.numel()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": step_loss, "lr": lr})
+        elapsed = time.perf_counter() - started
+        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}")
+        if settings.save_every and (step + 1) % settings.save_every == 0 and step + 1 < settings.steps:
+            _save_checkpoint(output, step + 1, model, optimizer, history)
+    bar.close()
+    if settings.steps > start_step:
+        _save_checkpoint(output, settings.steps, model, optimizer, history)
+    val_after = evaluate_loss(model, val, settings.batch_size, device, settings.eval_batches)
+    adapter = output / "adapter"
+    model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    merged = None
+    if settings.merge:
+        merged = merge_adapter(settings.model, adapter, output / "merged")
+    losses = [h["loss"] for h in history] or [math.nan]
+    result = FinetuneResult(
+        steps=settings.steps,
+        tokens_seen=tokens,
+        train_loss_first=losses[0],
+        train_loss_last=float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        val_loss_before=val_before,
+        val_loss_after=val_after,
+        seconds=time.perf_counter() - started,
+        device=device,
+        precision=precision,
+        adapter=str(adapter),
+        merged=None if merged is None else str(merged),
+        history=history,
+    )
+    payload = asdict(result)
+    payload["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    (output / "result.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return result

@@ -1,0 +1,252 @@
+"""Text -> token windows -> backend scores -> `SequenceKnowledge` -> knowledge packets on disk.
+
+Windows: each text (a JSONL record's "text", or a paragraph of a plain-text file) is tokenized by the
+model's own fast tokenizer, without special tokens, and cut into consecutive windows of at most
+`max_tokens` tokens. Each window is one sequence of the packets, numbered in file order; its text is
+`record_text[char_start:char_end]` and its `offsets` are character spans in that window text.
+`sequences.jsonl` beside the packets maps every sequence id to its record and character range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepfusion.edge.backends import Backend, SequenceScore
+from deepfusion.edge.errors import ErrorCode, ModelError
+from deepfusion.shared.fingerprint import tokenizer_fingerprint
+from deepfusion.shared.packets import (
+    DEFAULT_BUDGET,
+    PacketBuilder,
+    PacketHeader,
+    SequenceKnowledge,
+    SequenceTooLarge,
+    apply_top_p,
+)
+
+__all__ = ["ScoreReport", "ScoreSettings", "Window", "read_texts", "score_texts", "to_knowledge", "windows"]
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    federation: str = "local"
+    round: int = 0
+    device: str = "device-0"
+    shard: str = "local"
+    top_k: int = 32
+    top_p: float | None = None
+    stages: int = 4  # J
+    patches: int = 4  # P
+    max_tokens: int = 256
+    batch_size: int = 8  # sequences handed to the backend at once
+    budget: int = DEFAULT_BUDGET
+
+
+@dataclass(frozen=True, eq=False)
+class Window:
+    sequence_id: int
+    record: int
+    char_start: int
+    char_end: int
+    token_ids: np.ndarray  # [n] int64
+    offsets: np.ndarray  # [n, 2] int64, relative to char_start
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    packets: int
+    sequences: int
+    tokens: int
+    bytes: int
+    seconds: float
+    feature_stages: tuple[int, ...]
+    tokenizer: str
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def read_texts(path: Path) -> Iterator[str]:
+    """Texts of a `.jsonl` file (field "text" of each line) or a plain-text file (blank-line paragraphs)."""
+    if not path.is_file():
+        raise ModelError(ErrorCode.BAD_INPUT, f"{path} is not a file", "pass a .jsonl or text file")
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError):
+                    raise ModelError(
+                        ErrorCode.BAD_INPUT,
+                        f"{path}:{number} is not a JSON object with a 'text' field",
+                        'write one {"text": ...} object per line',
+                    ) from None
+                if text:
+                    yield str(text)
+        return
+    paragraph: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                paragraph.append(line.rstrip("\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, batch: int = 64) -> Iterator[Window]:
+    """Cut tokenized texts into windows of at most `max_tokens` (a `tokenizers.Tokenizer`)."""
+    sequence_id = 0
+    record = 0
+    pending: list[str] = []
+
+    def flush() -> Iterator[Window]:
+        nonlocal sequence_id, record
+        for encoding in tokenizer.encode_batch(pending, add_special_tokens=False):
+            ids = np.asarray(encoding.ids, dtype=np.int64)
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            for start in range(0, len(ids), max_tokens):
+                span = offsets[start : start + max_tokens]
+                char_start, char_end = int(span[0, 0]), int(span[:, 1].max())
+                yield Window(
+                    sequence_id,
+                    record,
+                    char_start,
+                    char_end,
+                    ids[start : start + max_tokens],
+                    span - char_start,
+                )
+                sequence_id += 1
+            record += 1
+        pending.clear()
+
+    for text in texts:
+        pending.append(text)
+        if len(pending) == batch:
+            yield from flush()
+    yield from flush()
+
+
+def to_knowledge(
+    window: Window, score: SequenceScore, top_p: float | None, id_dtype: Any
+) -> SequenceKnowledge:
+    topk_ids = score.topk_ids.astype(id_dtype)
+    logprobs = np.minimum(score.topk_logprobs, 0.0).astype(np.float16)  # float32 rounding can give +1e-7
+    if top_p is not None:
+        topk_ids, logprobs = apply_top_p(topk_ids, logprobs, top_p)
+    return SequenceKnowledge(
+        sequence_id=window.sequence_id,
+        token_ids=window.token_ids.astype(id_dtype),
+        offsets=window.offsets.astype(np.uint32),
+        topk_ids=topk_ids,
+        topk_logprobs=logprobs,
+        nll=max(score.nll, 0.0),
+        features=None if score.features is None else score.features.astype(np.float16),
+    )
+
+
+def _chunks(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    chunk: list[Window] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def score_texts(
+    backend: Backend,
+    tokenizer: Any,
+    texts: Iterable[str],
+    output_dir: Path,
+    settings: ScoreSettings = ScoreSettings(),
+    *,
+    progress: Any = None,
+) -> ScoreReport:
+    """Score `texts` with `backend` and write packets (`*.dfk`) and `sequences.jsonl` to `output_dir`."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if len(vocab) > backend.shape.vocab_size:
+        raise ModelError(
+            ErrorCode.VOCAB_MISMATCH,
+            f"the tokenizer has {len(vocab)} tokens but the model only {backend.shape.vocab_size} outputs",
+            "score with the tokenizer that was saved with this model",
+        )
+    fingerprint = tokenizer_fingerprint(vocab)
+    stages = settings.stages
+    feature_stages = backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
+    header = PacketHeader(
+        federation=settings.federation,
+        round=settings.round,
+        device=settings.device,
+        shard=settings.shard,
+        tokenizer=fingerprint,
+        vocab_size=backend.shape.vocab_size,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        stages=stages,
+        patches=settings.patches,
+        feature_stages=feature_stages,
+        feature_width=backend.shape.hidden_size if feature_stages else 0,
+    )
+    id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
+    builder = PacketBuilder(header, budget=settings.budget)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    counts = {"packets": 0, "sequences": 0, "tokens": 0, "bytes": 0}
+    started = time.perf_counter()
+
+    def write(packets: list[bytes]) -> None:
+        for data in packets:
+            name = f"{counts['packets']:06d}-{hashlib.sha256(data).hexdigest()[:16]}.dfk"
+            (output_dir / name).write_bytes(data)
+            counts["packets"] += 1
+            counts["bytes"] += len(data)
+
+    with (output_dir / "sequences.jsonl").open("w", encoding="utf-8") as index:
+        for chunk in _chunks(windows(tokenizer, texts, settings.max_tokens), settings.batch_size):
+            scores = backend.score(
+                [w.token_ids for w in chunk], top_k=settings.top_k, stages=stages, patches=settings.patches
+            )
+            for window, score in zip(chunk, scores, strict=True):
+                knowledge = to_knowledge(window, score, settings.top_p, id_dtype)
+                if not feature_stages:
+                    knowledge = replace(knowledge, features=None)
+                try:
+                    write(builder.add(knowledge))
+                except SequenceTooLarge as exc:
+                    raise ModelError(
+                        ErrorCode.BAD_INPUT,
+                        str(exc),
+                        "lower --max-tokens or --top-k, or set --top-p, so one window fits a packet",
+                    ) from None
+                entry = {k: v for k, v in asdict(window).items() if k not in ("token_ids", "offsets")}
+                index.write(json.dumps({**entry, "tokens": len(window.token_ids)}) + "\n")
+                counts["sequences"] += 1
+                counts["tokens"] += len(window.token_ids)
+            if progress is not None:
+                progress(len(chunk), sum(len(w.token_ids) for w in chunk))
+        write(builder.flush())
+    report = ScoreReport(
+        packets=counts["packets"],
+        sequences=counts["sequences"],
+        tokens=counts["tokens"],
+        bytes=counts["bytes"],
+        seconds=time.perf_counter() - started,
+        feature_stages=feature_stages,
+        tokenizer=fingerprint,
+    )
+    (output_dir / "score.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report

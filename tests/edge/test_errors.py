@@ -1,0 +1,153 @@
+"""Bad input fails with a stable code and a fix: unsupported architecture, missing tokenizer, corrupt
+GGUF, vocabulary mismatch, a runtime that is not installed, QLoRA without CUDA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepfusion.edge.backends import load_backend
+from deepfusion.edge.cli import app
+from deepfusion.edge.errors import ErrorCode, ModelError
+
+runner = CliRunner()
+
+
+def _copy(source: Path, target: Path, skip: tuple[str, ...] = ()) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*skip))
+    return target
+
+
+@pytest.fixture
+def moe_model(tmp_path: Path, federation_tokenizer_dir: Path) -> Path:
+    from deepfusion.cloud.zoo.presets import get_preset
+
+    target = tmp_path / "moe"
+    target.mkdir()
+    get_preset("moe-qwen2-tiny").config(4096).save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(federation_tokenizer_dir / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_unsupported_architecture(fmt: str, moe_model: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["export", str(moe_model), "--format", fmt, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unsupported_architecture" in result.output and "qwen2_moe" in result.output
+    assert "how to fix" in result.output
+
+
+def test_unknown_architecture_in_torch_backend(tmp_path: Path, federation_tokenizer_dir: Path) -> None:
+    target = tmp_path / "bert"
+    target.mkdir()
+    config = {"model_type": "bert", "num_hidden_layers": 2, "hidden_size": 8, "vocab_size": 10}
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as caught:
+        load_backend("torch", target)
+    assert caught.value.code is ErrorCode.UNSUPPORTED_ARCHITECTURE
+
+
+def test_missing_tokenizer(random_models: dict[str, Path], tmp_path: Path) -> None:
+    model = _copy(random_models["tiny-llama"], tmp_path / "m", skip=("tokenizer*", "special_tokens_map.json"))
+    text = tmp_path / "t.txt"
+    text.write_text("some public text\n")
+    for args in (
+        ["score", str(model), "-i", str(text), "-o", str(tmp_path / "p")],
+        ["export", str(model), "--format", "onnx", "-o", str(tmp_path / "o")],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "missing_tokenizer" in result.output and "tokenizer.json" in result.output
+
+
+@pytest.mark.slow
+def test_corrupt_gguf(gguf_exports: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    source = gguf_exports["q8_0"]
+    folder = _copy(source.parent, tmp_path / "g")
+    broken = folder / source.name
+    data = bytearray(broken.read_bytes())
+    broken.write_bytes(bytes(data[: len(data) // 3]))  # truncated in transit
+    with pytest.raises(ModelError) as caught:
+        load_backend("llama_cpp", broken)
+    assert caught.value.code is ErrorCode.CORRUPT_MODEL
+    broken.write_bytes(b"NOPE" + bytes(data[4:]))  # not a GGUF at all
+    result = runner.invoke(app, ["info", str(broken)])
+    assert result.exit_code == 2 and "corrupt_model" in result.output
+
+
+@pytest.mark.slow
+def test_vocabulary_mismatch(gguf_exports: dict[str, Path], tiny_llama: Path, tmp_path: Path) -> None:
+    """A tokenizer that is not the model's is refused, whether beside a GGUF or used for scoring."""
+    pytest.importorskip("llama_cpp")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = _copy(gguf_exports["q8_0"].parent, tmp_path / "g")
+    other = Tokenizer(models.WordLevel({f"w{i}": i for i in range(5000)}, unk_token="w0"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    other.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ModelError) as caught:
+        load_backend("llama_cpp", folder / gguf_exports["q8_0"].name)
+    assert caught.value.code is ErrorCode.VOCAB_MISMATCH
+    # The torch model has 4,096 outputs: a 5,000-token tokenizer cannot be its own.
+    model = _copy(tiny_llama, tmp_path / "m")
+    other.save(str(model / "tokenizer.json"))
+    text = tmp_path / "t.txt"
+    text.write_text("w1 w4999 w2\n")
+    result = runner.invoke(app, ["score", str(model), "-i", str(text), "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "vocab_mismatch" in result.output
+    # Ids beyond the vocabulary are refused by every backend.
+    with load_backend("torch", tiny_llama) as backend, pytest.raises(ModelError) as caught:
+        backend.score([np.array([1, 2, 4096])], top_k=4)
+    assert caught.value.code is ErrorCode.VOCAB_MISMATCH
+
+
+def test_missing_runtime_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import deepfusion.edge.backends as backends
+
+    monkeypatch.setattr(backends, "find_spec", lambda name: None)
+    with pytest.raises(ModelError) as caught:
+        load_backend("llama_cpp", tmp_path)
+    assert caught.value.code is ErrorCode.MISSING_EXTRA
+    assert "deepfusion-edge[gguf]" in caught.value.fix
+
+
+def test_qlora_without_cuda(random_models: dict[str, Path], tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = tmp_path / "d.txt"
+    data.write_text("text\n")
+    args = [
+        "finetune",
+        str(random_models["tiny-llama"]),
+        "-d",
+        str(data),
+        "-o",
+        str(tmp_path / "r"),
+        "--qlora",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no_cuda" in result.output and "without --qlora" in result.output
+
+
+def test_help_works_without_runtimes() -> None:
+    """`--help` imports no runtime (they load lazily inside the commands)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from deepfusion.edge.cli import app; "
+        "runtimes = ('torch', 'transformers', 'onnxruntime', 'llama_cpp', 'optimum'); "
+        "bad = [m for m in runtimes if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr

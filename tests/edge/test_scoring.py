@@ -1,0 +1,119 @@
+"""`deepfusion-edge score` and `info`: text in, valid knowledge packets out, for every backend."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepfusion.edge.cli import app
+from deepfusion.shared.packets import decode
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def public_file(tmp_path_factory: pytest.TempPathFactory, held_out_texts: list[str]) -> Path:
+    path = tmp_path_factory.mktemp("public") / "public-0.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_out_texts[:6]))
+    return path
+
+
+def _packets(folder: Path) -> list:
+    return [decode(p.read_bytes()) for p in sorted(folder.glob("*.dfk"))]
+
+
+@pytest.mark.parametrize("kind", ["hf", "onnx-int8", "gguf-q8_0"])
+def test_score_writes_valid_packets(
+    kind: str,
+    tiny_llama: Path,
+    onnx_exports: dict[str, Path],
+    gguf_exports: dict[str, Path],
+    public_file: Path,
+    held_out_texts: list[str],
+    tmp_path: Path,
+) -> None:
+    model = {"hf": tiny_llama, "onnx-int8": onnx_exports["int8"], "gguf-q8_0": gguf_exports["q8_0"]}[kind]
+    out = tmp_path / "packets"
+    args = [
+        "score",
+        str(model),
+        "-i",
+        str(public_file),
+        "-o",
+        str(out),
+        "--top-k",
+        "16",
+        "--max-tokens",
+        "96",
+    ]
+    result = runner.invoke(
+        app, [*args, "--threads", "1", "--device", "pi-7", "--stages", "2", "--patches", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    packets = _packets(out)
+    assert packets
+    index = [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()]
+    sequences = {s.sequence_id: s for p in packets for s in p.sequences()}
+    assert sorted(sequences) == [entry["sequence_id"] for entry in index]
+    header = packets[0].header
+    assert header.device == "pi-7" and header.shard == "public-0" and header.top_k == 16
+    assert header.stages == 2 and header.patches == 3
+    # llama.cpp sees only the last hidden state: the packet carries the last stage only.
+    assert header.feature_stages == ((1,) if kind.startswith("gguf") else (0, 1))
+    assert header.feature_width == 192
+    # Offsets address the window's own text: decoding the tokens' spans gives back that text.
+    texts = [t for t in held_out_texts[:6]]
+    for entry in index[:5]:
+        seq = sequences[entry["sequence_id"]]
+        window = texts[entry["record"]][entry["char_start"] : entry["char_end"]]
+        assert seq.offsets[0, 0] == 0 and seq.offsets[-1, 1] == len(window)
+        assert len(seq.token_ids) == entry["tokens"] <= 96
+        assert seq.features is not None and seq.features.shape == (len(header.feature_stages), 3, 192)
+        assert np.all(np.isfinite(seq.features.astype(np.float32)))
+
+
+def test_score_top_p_pads_rows(tiny_llama: Path, public_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "packets"
+    args = [
+        "score",
+        str(tiny_llama),
+        "-i",
+        str(public_file),
+        "-o",
+        str(out),
+        "--top-k",
+        "64",
+        "--top-p",
+        "0.5",
+    ]
+    result = runner.invoke(app, [*args, "--threads", "1", "--stages", "0"])
+    assert result.exit_code == 0, result.output
+    packet = _packets(out)[0]
+    assert packet.header.top_p == 0.5 and packet.features is None
+    assert np.any(np.isneginf(packet.topk_logprobs.astype(np.float32)))  # shorter rows padded
+
+
+@pytest.mark.parametrize("kind", ["hf", "onnx", "gguf"])
+def test_info(
+    kind: str, tiny_llama: Path, onnx_exports: dict[str, Path], gguf_exports: dict[str, Path]
+) -> None:
+    from deepfusion.cloud.zoo.tokenizer import fingerprint, load_tokenizer
+
+    model = {"hf": tiny_llama, "onnx": onnx_exports["int8"], "gguf": gguf_exports["q4_k_m"]}[kind]
+    result = runner.invoke(app, ["info", str(model), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["format"] == kind and data["shape"]["architecture"] == "llama"
+    assert data["shape"]["num_layers"] == 4 and data["shape"]["hidden_size"] == 192
+    assert data["tokenizer_fingerprint"] == fingerprint(load_tokenizer(tiny_llama))
+    assert (
+        data["backends_installed"] == {"hf": ["torch"], "onnx": ["onnxruntime"], "gguf": ["llama_cpp"]}[kind]
+    )
+    assert data["quantization"] in ("float32", "int8", "q4_k_m")
+    table = runner.invoke(app, ["info", str(model)])
+    assert table.exit_code == 0 and "fingerprint" in table.output
