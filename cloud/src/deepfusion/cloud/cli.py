@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from deepfusion.cloud import __version__
+from deepfusion.cloud.assets_cli import data_app, models_app
+from deepfusion.cloud.services_cli import coordinator, ingest, shards_app, status
 from deepfusion.cloud.simulate import simulate
 
 app = typer.Typer(
@@ -36,7 +38,17 @@ def _root(
 
 
 app.command()(simulate)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.command()(ingest)
+app.command()(coordinator)
+app.command()(status)
+app.add_typer(shards_app, name="shards")
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Phase I: devices into K knowledge domains by cosine KMeans on their data embeddings (design 5).
+
+    report = cluster_devices({"pi-1": card.embedding, ...}, k=2, seed=0)
+    report.assignment["pi-1"]      # cluster id
+    report.silhouette              # cosine silhouette, None when undefined (k < 2 or k == devices)
+
+The int8 embeddings are L2-normalised, so Euclidean KMeans on them is spherical (cosine) KMeans up to
+the centroid normalisation. When a previous round's centroids are given, cluster ids are matched to
+them (Hungarian assignment on cosine similarity), so cluster i stays the same domain from round to round
+and phase II can start student i from last round's student i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ClusterReport", "cluster_devices", "normalise"]
+
+
+class ClusterReport(BaseModel):
+    """The outcome of phase I, stored with the round (`{fed}/rounds/{round}/clusters.json`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    k: int = Field(description="Clusters actually made (at most the configured K, at most the devices).")
+    assignment: dict[str, int] = Field(description="device -> cluster id")
+    members: dict[int, list[str]] = Field(description="cluster id -> its devices, sorted")
+    sizes: dict[int, int]
+    silhouette: float | None = Field(description="Mean cosine silhouette; None when it is undefined.")
+    centroids: list[list[float]] = Field(description="Unit-length centroids, one per cluster id.")
+
+    def summary(self) -> str:
+        lines = [f"{self.k} clusters, silhouette {_fmt(self.silhouette)}"]
+        lines += [f"  cluster {c}: {self.sizes[c]} devices: {', '.join(m)}" for c, m in self.members.items()]
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (an all-zero row stays zero)."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms == 0, 1.0, norms)
+
+
+def cluster_devices(
+    embeddings: Mapping[str, Sequence[int]],
+    k: int,
+    *,
+    seed: int = 0,
+    previous_centroids: Sequence[Sequence[float]] | None = None,
+) -> ClusterReport:
+    """Cosine KMeans of the devices' int8 embeddings into min(k, devices) clusters, with a report."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    if not embeddings:
+        raise ValueError("clustering needs at least one device embedding")
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    names = sorted(embeddings)
+    x = normalise(np.array([list(embeddings[n]) for n in names], dtype=np.float64))  # (N, D)
+    n_clusters = min(k, len(names))
+    if n_clusters == 1:
+        labels = np.zeros(len(names), dtype=int)
+        centroids = normalise(x.mean(axis=0, keepdims=True))
+    else:
+        model = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
+        labels = model.labels_.astype(int)
+        centroids = normalise(model.cluster_centers_)
+    if previous_centroids is not None and len(previous_centroids) == n_clusters and n_clusters > 1:
+        labels, centroids = _match(labels, centroids, normalise(np.asarray(previous_centroids)))
+    silhouette = None
+    distinct = len(set(labels.tolist()))
+    if 2 <= distinct < len(names):
+        silhouette = float(silhouette_score(x, labels, metric="cosine"))
+    members = {
+        c: [n for n, label in zip(names, labels, strict=True) if label == c] for c in range(n_clusters)
+    }
+    return ClusterReport(
+        k=n_clusters,
+        assignment={n: int(label) for n, label in zip(names, labels, strict=True)},
+        members=members,
+        sizes={c: len(m) for c, m in members.items()},
+        silhouette=silhouette,
+        centroids=[[float(v) for v in row] for row in centroids],
+    )
+
+
+def _match(labels: np.ndarray, centroids: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Renumber clusters so that new cluster i is the one most similar to previous cluster i."""
+    from scipy.optimize import linear_sum_assignment
+
+    similarity = centroids @ previous.T  # (new, old)
+    new_ids, old_ids = linear_sum_assignment(-similarity)
+    mapping = dict(zip(new_ids.tolist(), old_ids.tolist(), strict=True))
+    relabelled = np.array([mapping[int(label)] for label in labels], dtype=int)
+    reordered = np.empty_like(centroids)
+    for new, old in mapping.items():
+        reordered[old] = centroids[new]
+    return relabelled, reordered

@@ -1,0 +1,314 @@
+"""`deepfusion-cloud coordinator`: devices to clusters, rounds to releases (design sections 3 and 5).
+
+    Coordinator(config).run(stop_event)
+
+Each `step()` reads where the federation stands from the object store and does the one next thing:
+
+    no state.json for the current round   -> plan it (clusters, assignments), write state, publish RoundSpec
+    state "open"                          -> index new packets, update coverage, close at full coverage
+                                             or at the deadline (quorum decides whether it counts)
+    state "closed"                        -> clear the retained RoundSpec; when the trainer has written
+                                             `{fed}/releases/{version}/release.json` for the round,
+                                             publish the ReleaseNote and open the next round
+
+State lives only in the store: `{fed}/coordinator.json` names the current round and
+`{fed}/rounds/{round}/state.json` holds its spec, clusters, coverage and outcome
+(`clusters.json` and `coverage.json` beside it). Every step is idempotent: state is written before it is
+announced, and announcing again (a retained publish) is harmless, so a coordinator killed at any point
+continues where it stopped when it starts again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from deepfusion.cloud.cluster import cluster_devices
+from deepfusion.cloud.registry import FederationView
+from deepfusion.cloud.rounds import (
+    PacketIndex,
+    RoundState,
+    close_decision,
+    coordinator_key,
+    coverage_report,
+    plan_assignments,
+    round_prefix,
+    state_key,
+)
+from deepfusion.cloud.settings import CloudConfig
+from deepfusion.cloud.shards import list_shards
+from deepfusion.shared.messages import MessageError, ReleaseNote, RoundSpec, decode_message, encode_message
+from deepfusion.shared.mqtt import MqttClient
+from deepfusion.shared.store import ObjectNotFound, ObjectStore, open_store
+from deepfusion.shared.topics import release_topic, round_topic
+
+__all__ = ["Coordinator", "read_pointer", "read_state", "release_key"]
+
+log = logging.getLogger(__name__)
+
+PRESIGN_MARGIN_S = 3600  # shard URLs outlive the round's deadline by this much
+
+
+def release_key(federation: str, version: str) -> str:
+    """Where the trainer announces a finished release: `{fed}/releases/{version}/release.json`."""
+    return f"{federation}/releases/{version}/release.json"
+
+
+def read_pointer(store: ObjectStore, federation: str) -> int | None:
+    try:
+        return int(json.loads(store.get(coordinator_key(federation)))["round"])
+    except ObjectNotFound:
+        return None
+
+
+def read_state(store: ObjectStore, federation: str, round_id: int) -> RoundState | None:
+    try:
+        return RoundState.model_validate_json(store.get(state_key(federation, round_id)))
+    except ObjectNotFound:
+        return None
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Coordinator:
+    """The coordinator of one federation. `step()` does one idempotent step; `run()` loops over it."""
+
+    def __init__(
+        self,
+        config: CloudConfig,
+        store: ObjectStore | None = None,
+        *,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.config = config
+        self.settings = config.coordinator
+        self.federation = config.federation
+        self.store = store if store is not None else open_store(config.store)
+        self.view = FederationView(self.federation)
+        self.clock = clock
+        self.client: MqttClient | None = None
+        self._index: tuple[int, PacketIndex] | None = None
+        self.done = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def connect(self) -> MqttClient:
+        client = MqttClient(self.config.mqtt, f"coordinator-{self.federation}")
+        self.view.subscribe(client)
+        client.connect()
+        self.view.wait_settled(self.config.status.settle_s)
+        self.client = client
+        return client
+
+    def run(self, stop: threading.Event) -> None:
+        client = self.connect()
+        try:
+            while not stop.is_set():
+                outcome = self.step()
+                log.debug("coordinator step: %s", outcome)
+                if self.done.is_set():
+                    log.info("coordinator: %d rounds done", self.settings.max_rounds or 0)
+                    return
+                stop.wait(self.settings.tick_s)
+        finally:
+            client.close()
+
+    # -- the step --------------------------------------------------------------------------------------
+
+    def step(self) -> str:
+        """Do the next thing the federation needs; returns what it did, in words."""
+        round_id = read_pointer(self.store, self.federation)
+        if round_id is None:
+            round_id = self.settings.first_round
+        # A crash between writing a round's state and the pointer leaves the pointer behind: catch up.
+        while self.store.exists(state_key(self.federation, round_id + 1)):
+            round_id += 1
+            self._write_pointer(round_id)
+        state = read_state(self.store, self.federation, round_id)
+        if state is None:
+            if self._rounds_done(round_id):
+                self.done.set()
+                return "done"
+            return self._open(round_id)
+        if state.status == "open":
+            return self._watch(state)
+        return self._after_close(state)
+
+    def _rounds_done(self, round_id: int) -> bool:
+        limit = self.settings.max_rounds
+        return limit is not None and round_id - self.settings.first_round >= limit
+
+    # -- opening -----------------------------------------------------------------------------------------
+
+    def _open(self, round_id: int) -> str:
+        cards = self.view.cards()
+        tokenizer = self.settings.tokenizer or _most_common([c.tokenizer for c in cards.values()])
+        members = {d: c for d, c in cards.items() if c.tokenizer == tokenizer}
+        if len(members) < self.settings.min_devices:
+            return f"round {round_id}: waiting for devices ({len(members)}/{self.settings.min_devices})"
+        expiry = int(self.settings.round_s) + PRESIGN_MARGIN_S
+        shards = list_shards(self.store, self.federation, expires_s=expiry)
+        if not shards:
+            return f"round {round_id}: waiting for public shards under {self.federation}/shards/"
+        assert tokenizer is not None
+        previous = read_state(self.store, self.federation, round_id - 1) if round_id > 0 else None
+        report = cluster_devices(
+            {d: c.embedding for d, c in members.items()},
+            self.settings.clusters,
+            seed=self.settings.seed,
+            previous_centroids=previous.clusters.centroids if previous else None,
+        )
+        records = self.view.devices()
+        throughput = {d: t for d in members if (t := records[d].throughput) is not None}
+        now = self.clock()
+        spec = RoundSpec(
+            federation=self.federation,
+            round=round_id,
+            tokenizer=tokenizer,
+            shards=shards,
+            assignments=plan_assignments(shards, report.assignment, self.settings.redundancy, throughput),
+            top_k=self.settings.top_k,
+            top_p=self.settings.top_p,
+            stages=self.settings.stages,
+            patches=self.settings.patches,
+            max_tokens=self.settings.max_tokens,
+            packet_budget=self.settings.packet_budget,
+            deadline=now + timedelta(seconds=self.settings.round_s),
+            opened_at=now,
+        )
+        state = RoundState(
+            federation=self.federation,
+            round=round_id,
+            status="open",
+            spec=spec,
+            clusters=report,
+            opened_at=now,
+        )
+        prefix = round_prefix(self.federation, round_id)
+        self.store.put(f"{prefix}clusters.json", report.model_dump_json(indent=1).encode())
+        self._write_state(state)
+        self._write_pointer(round_id)
+        self._publish(round_topic(self.federation), encode_message(spec))
+        log.info(
+            "round %d open: %d devices, %d shards, deadline %s\n%s",
+            round_id,
+            len(members),
+            len(shards),
+            spec.deadline.isoformat(),
+            report.summary(),
+        )
+        return f"round {round_id}: opened"
+
+    # -- an open round ------------------------------------------------------------------------------------
+
+    def _index_for(self, round_id: int) -> PacketIndex:
+        if self._index is None or self._index[0] != round_id:
+            self._index = (round_id, PacketIndex.load(self.store, self.federation, round_id))
+        return self._index[1]
+
+    def _watch(self, state: RoundState) -> str:
+        current = self.view.round
+        if current is None or current.round != state.round or current.opened_at != state.spec.opened_at:
+            self._publish(round_topic(self.federation), encode_message(state.spec))  # e.g. after a crash
+        index = self._index_for(state.round)
+        new = index.update(self.store, self.federation, state.round)
+        if new:
+            index.save(self.store, self.federation, state.round)
+        coverage = coverage_report(
+            state.spec, state.clusters.assignment, index.delivered(), packets=len(index.entries)
+        )
+        reason = close_decision(coverage, state.spec.deadline, self.clock(), self.settings.quorum)
+        if reason is None:
+            if new:
+                self._write_state(state.model_copy(update={"coverage": coverage}))
+            return f"round {state.round}: {coverage.delivered}/{coverage.assigned} delivered"
+        closed = state.model_copy(
+            update={
+                "status": "closed",
+                "closed_at": self.clock(),
+                "close_reason": reason,
+                "coverage": coverage,
+            }
+        )
+        self._write_state(closed)
+        log.info(
+            "round %d closed (%s): %d/%d delivered, %d packets, %.0f%% of cluster slots",
+            state.round,
+            reason,
+            coverage.delivered,
+            coverage.assigned,
+            coverage.packets,
+            100 * coverage.slot_fraction,
+        )
+        self._after_close(closed)
+        return f"round {state.round}: closed ({reason})"
+
+    # -- a closed round ------------------------------------------------------------------------------------
+
+    def _after_close(self, state: RoundState) -> str:
+        current = self.view.round
+        if current is not None and current.round == state.round:
+            self._publish(round_topic(self.federation), b"")  # no round is open until the next one
+        if state.close_reason != "deadline-no-quorum":
+            if state.release is None:
+                note = self._find_release(state.round)
+                if note is None:
+                    return f"round {state.round}: closed, waiting for its release"
+                self._write_state(state.model_copy(update={"release": note.version}))
+                self._publish_release(note)
+            elif (published := self.view.release) is None or published.version != state.release:
+                note = self._find_release(state.round, state.release)
+                if note is not None:
+                    self._publish_release(note)
+        next_round = state.round + 1
+        if self._rounds_done(next_round):
+            self.done.set()
+            return f"round {state.round}: closed; last round"
+        return self._open(next_round)
+
+    def _find_release(self, round_id: int, version: str | None = None) -> ReleaseNote | None:
+        prefix = f"{self.federation}/releases/"
+        found: list[ReleaseNote] = []
+        for key in self.store.list(prefix):
+            if not key.endswith("/release.json") or key.count("/") != prefix.count("/") + 1:
+                continue
+            try:
+                note = decode_message(ReleaseNote, self.store.get(key))
+            except (MessageError, ObjectNotFound) as exc:
+                log.warning("ignored release file %s: %s", key, exc)
+                continue
+            wanted = version is None or note.version == version
+            if note.round == round_id and note.federation == self.federation and wanted:
+                found.append(note)
+        return max(found, key=lambda n: n.created_at) if found else None
+
+    def _publish_release(self, note: ReleaseNote) -> None:
+        self._publish(release_topic(self.federation), encode_message(note))
+        log.info("release %s of round %d published: %s", note.version, note.round, note.uri)
+
+    # -- writing -------------------------------------------------------------------------------------------
+
+    def _write_state(self, state: RoundState) -> None:
+        self.store.put(state_key(self.federation, state.round), state.model_dump_json(indent=1).encode())
+
+    def _write_pointer(self, round_id: int) -> None:
+        body = {"federation": self.federation, "round": round_id, "updated_at": self.clock().isoformat()}
+        self.store.put(coordinator_key(self.federation), json.dumps(body).encode())
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        if self.client is None:
+            raise RuntimeError("the coordinator is not connected; call connect() or run()")
+        self.client.publish_and_wait(topic, payload, retain=True)
+
+
+def _most_common(values: list[str]) -> str | None:
+    if not values:
+        return None
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], v))

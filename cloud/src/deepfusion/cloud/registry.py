@@ -1,0 +1,195 @@
+"""The federation as its retained topics tell it: devices (cards, status), the open round, the release.
+
+    view = FederationView("demo")
+    view.subscribe(client)               # cards, status, rounds/current, releases/latest
+    view.wait_settled(quiet_s=0.3)       # the broker's burst of retained messages is over
+    view.devices()["pi-7"].card.embedding
+
+A retained message is the broker's memory of a topic, so a service that restarts reads the whole
+federation back in one burst. An empty retained payload clears a topic (the coordinator clears
+`rounds/current` when a round closes). Malformed messages are logged and ignored, never fatal: one bad
+device must not blind the cloud to the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from deepfusion.shared.messages import (
+    DeviceCard,
+    DeviceState,
+    DeviceStatus,
+    MessageError,
+    ReleaseNote,
+    RoundSpec,
+    decode_message,
+)
+from deepfusion.shared.mqtt import Message, MqttClient
+from deepfusion.shared.topics import (
+    InvalidTopic,
+    TopicKind,
+    device_filter,
+    parse_topic,
+    release_topic,
+    round_topic,
+)
+
+__all__ = ["THROUGHPUT_FIELD", "DeviceRecord", "FederationView"]
+
+log = logging.getLogger(__name__)
+
+THROUGHPUT_FIELD = "sequences_per_s"
+"""Optional extra field of a DeviceCard or DeviceStatus: public sequences the device scores per second.
+Round planning balances work by it; devices that do not announce it count as equally fast."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """One device as the cloud knows it."""
+
+    device: str
+    card: DeviceCard | None = None
+    status: DeviceStatus | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.status is not None and self.status.state != DeviceState.OFFLINE
+
+    @property
+    def throughput(self) -> float | None:
+        """Announced sequences per second (status first: it is the fresher), or None."""
+        for message in (self.status, self.card):
+            value = (message.model_extra or {}).get(THROUGHPUT_FIELD) if message is not None else None
+            if isinstance(value, int | float) and value > 0:
+                return float(value)
+        return None
+
+
+class FederationView:
+    """Thread-safe latest state of one federation's retained topics, updated by MQTT handlers."""
+
+    def __init__(self, federation: str) -> None:
+        self.federation = federation
+        self._cond = threading.Condition()
+        self._devices: dict[str, DeviceRecord] = {}
+        self._round: RoundSpec | None = None
+        self._release: ReleaseNote | None = None
+        self._version = 0
+        self._last_update = time.monotonic()
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def devices(self) -> dict[str, DeviceRecord]:
+        with self._cond:
+            return dict(self._devices)
+
+    def cards(self) -> dict[str, DeviceCard]:
+        with self._cond:
+            return {name: r.card for name, r in self._devices.items() if r.card is not None}
+
+    @property
+    def round(self) -> RoundSpec | None:
+        with self._cond:
+            return self._round
+
+    @property
+    def release(self) -> ReleaseNote | None:
+        with self._cond:
+            return self._release
+
+    @property
+    def version(self) -> int:
+        """Grows by one with every change; lets a waiter tell that something happened."""
+        with self._cond:
+            return self._version
+
+    def wait_for(self, predicate: Callable[[FederationView], bool], timeout: float) -> bool:
+        """Block until `predicate(self)` holds (True) or `timeout` seconds pass (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def wait_settled(self, quiet_s: float, timeout: float = 10.0) -> None:
+        """Wait until no retained message arrived for `quiet_s` seconds (at most `timeout`)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                quiet_until = self._last_update + quiet_s
+                if now >= quiet_until or now >= deadline:
+                    return
+                self._cond.wait(min(quiet_until, deadline) - now)
+
+    # -- updating ------------------------------------------------------------------------------------
+
+    def subscribe(self, client: MqttClient) -> None:
+        """Subscribe `client` to every retained topic of the federation (before or after connect)."""
+        with self._cond:
+            self._last_update = time.monotonic()
+        client.subscribe(device_filter(self.federation, TopicKind.CARD), self.handle)
+        client.subscribe(device_filter(self.federation, TopicKind.STATUS), self.handle)
+        client.subscribe(round_topic(self.federation), self.handle)
+        client.subscribe(release_topic(self.federation), self.handle)
+
+    def handle(self, message: Message) -> None:
+        """An MQTT handler: apply one card, status, round or release message."""
+        try:
+            name = parse_topic(message.topic)
+        except InvalidTopic:
+            return
+        if name.federation != self.federation:
+            return
+        try:
+            self._apply(name.kind, name.device, message.payload)
+        except MessageError as exc:
+            log.warning("ignored malformed message topic=%s: %s", message.topic, exc)
+        finally:
+            with self._cond:
+                self._last_update = time.monotonic()
+                self._cond.notify_all()
+
+    def _apply(self, kind: TopicKind, device: str | None, payload: bytes) -> None:
+        if kind == TopicKind.ROUND:
+            spec = _decode_or_none(RoundSpec, payload)
+            self._update(lambda: setattr(self, "_round", spec))
+        elif kind == TopicKind.RELEASE:
+            note = _decode_or_none(ReleaseNote, payload)
+            self._update(lambda: setattr(self, "_release", note))
+        elif kind in (TopicKind.CARD, TopicKind.STATUS) and device is not None:
+            model = DeviceCard if kind == TopicKind.CARD else DeviceStatus
+            message = _decode_or_none(model, payload)
+            if message is not None and (message.device != device or message.federation != self.federation):
+                raise MessageError(f"{model.__name__} of {message.device!r} on the topic of {device!r}")
+            field = "card" if kind == TopicKind.CARD else "status"
+
+            def change() -> None:
+                old = self._devices.get(device, DeviceRecord(device))
+                new = DeviceRecord(
+                    device,
+                    card=message if field == "card" else old.card,  # type: ignore[arg-type]
+                    status=message if field == "status" else old.status,  # type: ignore[arg-type]
+                )
+                if new.card is None and new.status is None:
+                    self._devices.pop(device, None)
+                else:
+                    self._devices[device] = new
+
+            self._update(change)
+
+    def _update(self, change: Callable[[], None]) -> None:
+        with self._cond:
+            change()
+            self._version += 1
+
+
+def _decode_or_none(model: type[T], payload: bytes) -> T | None:
+    """An empty payload is a cleared retained topic."""
+    if not payload:
+        return None
+    return decode_message(model, payload)  # type: ignore[type-var,return-value]

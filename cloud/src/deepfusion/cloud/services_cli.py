@@ -1,0 +1,149 @@
+"""Commands of the long-running cloud services: `ingest`, `coordinator`, `status` and `shards`.
+
+Every command reads one config (`--config FILE`, TOML) with dotted overrides (`--set mqtt.port=1884`,
+repeatable); see `deepfusion.cloud.settings`. SIGTERM and Ctrl-C stop a service cleanly: ingest stores
+and acks what it has received, and both write their state before they exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from deepfusion.cloud.settings import CloudConfig, load_cloud_config
+from deepfusion.shared.config import ConfigError
+
+__all__ = ["coordinator", "ingest", "shards_app", "status"]
+
+ConfigOption = typer.Option(None, "--config", "-c", help="TOML config file.", exists=True, dir_okay=False)
+SetOption = typer.Option(None, "--set", "-s", help="Override one key: KEY=VALUE (dotted, repeatable).")
+
+
+def _config(path: Path | None, overrides: list[str] | None) -> CloudConfig:
+    try:
+        return load_cloud_config(path, overrides)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def ingest(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every packet."),
+) -> None:
+    """Ingest knowledge packets: MQTT shared subscription -> checks -> object store -> Ack."""
+    from deepfusion.cloud.ingest_service import IngestService
+
+    cfg = _config(config, overrides)
+    _logging(verbose)
+    IngestService(cfg).run(_stop_on_signals())
+
+
+def coordinator(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every step."),
+) -> None:
+    """Coordinate the federation: registry, phase I clusters, rounds, coverage, releases."""
+    from deepfusion.cloud.coordinator import Coordinator
+
+    cfg = _config(config, overrides)
+    _logging(verbose)
+    Coordinator(cfg).run(_stop_on_signals())
+
+
+def status(
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live until Ctrl-C."),
+) -> None:
+    """Show devices, the current round's coverage and the latest release."""
+    from deepfusion.cloud.registry import FederationView
+    from deepfusion.cloud.status import collect_status, render_status
+    from deepfusion.shared.mqtt import MqttClient
+    from deepfusion.shared.store import open_store
+
+    cfg = _config(config, overrides)
+    store = open_store(cfg.store)
+    view = FederationView(cfg.federation)
+    console = Console()
+    with MqttClient(cfg.mqtt, f"status-{cfg.federation}-{time.monotonic_ns() % 10**9}") as client:
+        view.subscribe(client)
+        view.wait_settled(cfg.status.settle_s)
+        if not watch:
+            console.print(render_status(collect_status(view, store, cfg.federation)))
+            return
+        stop = _stop_on_signals()
+        with Live(render_status(collect_status(view, store, cfg.federation)), console=console) as live:
+            while not stop.wait(cfg.status.refresh_s):
+                live.update(render_status(collect_status(view, store, cfg.federation)))
+
+
+shards_app = typer.Typer(help="Public text shards in the object store.", no_args_is_help=True)
+
+
+@shards_app.command("publish")
+def shards_publish(
+    source: Path = typer.Argument(..., exists=True, dir_okay=False, help='.jsonl (a "text" field) or text.'),
+    name: str = typer.Option(..., "--name", help="Shard name prefix: NAME-0000, NAME-0001, ..."),
+    per_shard: int = typer.Option(1000, min=1, help="Sequences per shard."),
+    limit: int | None = typer.Option(None, min=1, help="Publish at most this many texts."),
+    config: Path | None = ConfigOption,
+    overrides: list[str] | None = SetOption,
+) -> None:
+    """Publish public text from a local file as shards `{fed}/shards/{name}-NNNN.jsonl.zst`."""
+    from itertools import islice
+
+    from deepfusion.cloud.shards import publish_texts, read_texts
+    from deepfusion.shared.store import open_store
+
+    cfg = _config(config, overrides)
+    refs = publish_texts(
+        open_store(cfg.store),
+        cfg.federation,
+        islice(read_texts(source), limit),
+        name=name,
+        per_shard=per_shard,
+    )
+    for ref in refs:
+        typer.echo(f"{ref.shard}\t{ref.sequences}\t{ref.sha256}")
+
+
+@shards_app.command("list")
+def shards_list(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
+    """List the shards rounds are planned on."""
+    from deepfusion.cloud.shards import list_shards
+    from deepfusion.shared.store import open_store
+
+    cfg = _config(config, overrides)
+    table = Table("shard", "sequences", "sha256")
+    for ref in list_shards(open_store(cfg.store), cfg.federation):
+        table.add_row(ref.shard, str(ref.sequences), ref.sha256[:16])
+    Console().print(table)

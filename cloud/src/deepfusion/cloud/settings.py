@@ -1,0 +1,102 @@
+"""Configuration of the cloud services: one TOML tree, one section per service.
+
+    federation = "demo"     # or --set federation=demo
+    [mqtt]
+    port = 1883
+    [store]
+    uri = "s3://deepfusion/prod"
+    [ingest]
+    worker_id = "ingest-0"
+    [coordinator]
+    clusters = 2
+
+Every command takes `--config FILE` and repeated `--set key=value` (dotted keys, TOML values).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from deepfusion.shared.config import MqttConfig, Section, StoreConfig, load_config
+
+__all__ = ["CloudConfig", "CoordinatorSection", "IngestSection", "StatusSection", "load_cloud_config"]
+
+
+class IngestSection(Section):
+    worker_id: str = Field(
+        "ingest-0",
+        description="MQTT client id; stable across restarts (it names the persistent session and the "
+        "counters file). Give every ingest process its own.",
+    )
+    share_group: str = Field("ingest", description="MQTT 5 shared-subscription group of all workers.")
+    threads: int = Field(
+        8, ge=1, le=64, description="Packets validated and stored concurrently (store writes wait on I/O)."
+    )
+    queue: int = Field(256, ge=1, description="Packets received but not yet stored; beyond, reading waits.")
+    max_packet_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Larger messages are refused (too_large) before decoding."
+    )
+    context_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a packet from a device or round not yet seen waits for its card or "
+        "RoundSpec to arrive (they travel on another connection) before it is refused.",
+    )
+    settle_s: float = Field(
+        0.3, ge=0, description="Quiet time that ends the burst of retained cards and rounds at start."
+    )
+    stats_interval_s: float = Field(
+        5.0, gt=0, description="How often the per-device counters are written to the store."
+    )
+    fault_kill_after_writes: int | None = Field(
+        None,
+        ge=1,
+        description="Failure drill: SIGKILL this process right after its Nth store write, before that "
+        "packet's Ack. Never set in production.",
+    )
+
+
+class CoordinatorSection(Section):
+    clusters: int = Field(2, ge=1, description="K: knowledge domains (phase I clusters, MoE experts).")
+    redundancy: int = Field(2, ge=1, description="R: devices of each cluster that score each sequence.")
+    min_devices: int = Field(1, ge=1, description="Devices with a card needed before a round is planned.")
+    round_s: float = Field(3600.0, gt=0, description="Seconds from opening a round to its deadline.")
+    quorum: float = Field(
+        0.8, ge=0, le=1, description="At the deadline: share of (cluster, sequence) slots covered to close."
+    )
+    max_rounds: int | None = Field(None, ge=1, description="Stop after this many rounds (None: never).")
+    tick_s: float = Field(1.0, gt=0, description="Seconds between two looks at coverage and releases.")
+    top_k: int = Field(32, ge=1, le=1024, description="Cap on next-token log-probs per token.")
+    top_p: float | None = Field(0.95, gt=0, le=1, description="Keep the shortest top-k prefix reaching p.")
+    stages: int = Field(4, ge=0, description="J: layer groups whose pooled hidden states devices send.")
+    patches: int = Field(4, ge=1, description="P: patches per stage.")
+    max_tokens: int = Field(256, ge=8, description="Longest window (tokens) a device scores at once.")
+    packet_budget: int = Field(120 * 1024, ge=1024, description="Max compressed bytes per packet.")
+    tokenizer: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="The federation's tokenizer fingerprint; default: the one most cards announce.",
+    )
+    seed: int = Field(0, description="KMeans seed.")
+    first_round: int = Field(0, ge=0, description="Id of the first round when the store holds none.")
+
+
+class StatusSection(Section):
+    refresh_s: float = Field(2.0, gt=0, description="Refresh interval of `status --watch`.")
+    settle_s: float = Field(0.5, ge=0, description="Quiet time that ends the burst of retained messages.")
+
+
+class CloudConfig(Section):
+    federation: str = Field("demo", description="Federation id (lowercase; used in topics and keys).")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
+    status: StatusSection = Field(default_factory=StatusSection)
+
+
+def load_cloud_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CloudConfig:
+    """The cloud's config from an optional TOML file and dotted `key=value` overrides."""
+    return load_config(CloudConfig, path, overrides or [])

@@ -1,0 +1,105 @@
+"""Public text shards in the object store: `{fed}/shards/{shard}.jsonl.zst`.
+
+One JSON object with a "text" field per line, zstd-compressed. Devices fetch a shard through the URL
+in the RoundSpec (file:// or presigned https://) and check its sha256; sequence i is line i.
+
+    refs = publish_texts(store, "demo", texts, name="news", per_shard=1000)   # news-0000, news-0001, ...
+    refs = list_shards(store, "demo")                                         # what rounds are planned on
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import zstandard
+
+from deepfusion.shared.messages import ShardRef
+from deepfusion.shared.store import ObjectStore
+from deepfusion.shared.topics import validate_id
+
+__all__ = [
+    "SUFFIX",
+    "encode_shard",
+    "list_shards",
+    "publish_shard",
+    "publish_texts",
+    "read_texts",
+    "shard_key",
+]
+
+SUFFIX = ".jsonl.zst"
+
+
+def shard_key(federation: str, shard: str) -> str:
+    return f"{federation}/shards/{validate_id(shard, 'shard id')}{SUFFIX}"
+
+
+def encode_shard(texts: Sequence[str]) -> bytes:
+    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(lines.encode("utf-8"))
+
+
+def _decode_shard(body: bytes) -> list[str]:
+    text = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31).decode("utf-8")
+    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+
+
+def publish_shard(store: ObjectStore, federation: str, shard: str, texts: Sequence[str]) -> ShardRef:
+    """Write one shard (idempotent: the same texts give the same bytes) and return its reference."""
+    if not texts:
+        raise ValueError(f"shard {shard!r} would be empty")
+    body = encode_shard(texts)
+    key = shard_key(federation, shard)
+    store.put(key, body)
+    return ShardRef(
+        shard=shard, url=store.url(key), sha256=hashlib.sha256(body).hexdigest(), sequences=len(texts)
+    )
+
+
+def publish_texts(
+    store: ObjectStore, federation: str, texts: Iterable[str], *, name: str, per_shard: int = 1000
+) -> list[ShardRef]:
+    """Cut `texts` into shards of `per_shard` sequences named `{name}-0000`, `{name}-0001`, ..."""
+    refs: list[ShardRef] = []
+    batch: list[str] = []
+    for text in texts:
+        if text.strip():
+            batch.append(text)
+        if len(batch) == per_shard:
+            refs.append(publish_shard(store, federation, f"{name}-{len(refs):04d}", batch))
+            batch = []
+    if batch:
+        refs.append(publish_shard(store, federation, f"{name}-{len(refs):04d}", batch))
+    return refs
+
+
+def read_texts(path: Path) -> Iterator[str]:
+    """Texts of a local file: JSONL with a "text" field per line (`.jsonl`), else one text per line."""
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            yield json.loads(line)["text"] if path.suffix == ".jsonl" else line.rstrip("\n")
+
+
+def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = None) -> list[ShardRef]:
+    """Every shard in the store, sorted by id, with a fresh URL (presigned on S3) and its checksum."""
+    refs = []
+    prefix = f"{federation}/shards/"
+    for key in store.list(prefix):
+        name = key[len(prefix) :]
+        if "/" in name or not name.endswith(SUFFIX):
+            continue
+        body = store.get(key)
+        refs.append(
+            ShardRef(
+                shard=name[: -len(SUFFIX)],
+                url=store.url(key, expires_s),
+                sha256=hashlib.sha256(body).hexdigest(),
+                sequences=len(_decode_shard(body)),
+            )
+        )
+    return refs

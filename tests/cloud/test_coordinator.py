@@ -1,0 +1,167 @@
+"""The coordinator over a real mosquitto and store: a round from plan to release, kill -9, deadlines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from deepfusion.cloud.coordinator import Coordinator, read_pointer, read_state, release_key
+from deepfusion.cloud.ingest import store_packet
+from deepfusion.cloud.shards import list_shards, publish_texts
+from deepfusion.shared.messages import ReleaseNote, RoundSpec, encode_message
+from deepfusion.shared.store import open_store
+from deepfusion.shared.topics import knowledge_topic, release_topic, round_topic
+from tests.cloud.federation import FED, Service, SimDevice, base_overrides, config_from, packets_for
+from tests.fixtures.broker import Inbox, wait_for
+
+pytestmark = pytest.mark.mqtt
+
+DOMAINS = {"med-0": 0, "med-1": 0, "med-2": 0, "fin-0": 1, "fin-1": 1}
+
+
+def _packets(device: str, spec: RoundSpec) -> list[bytes]:
+    out: list[bytes] = []
+    for a in spec.assignments[device]:
+        out += packets_for(device, spec.round, a.shard, list(range(a.start, a.stop)), per_packet=3)
+    return out
+
+
+def test_round_survives_a_coordinator_kill9_and_ends_in_a_release(broker, mqtt_client, tmp_path):
+    store_dir = tmp_path / "store"
+    store = open_store(str(store_dir))
+    publish_texts(store, FED, (f"public sentence number {i}." for i in range(40)), name="pub", per_shard=25)
+    overrides = [
+        *base_overrides(broker, str(store_dir)),
+        "coordinator.clusters=2",
+        "coordinator.redundancy=2",
+        f"coordinator.min_devices={len(DOMAINS)}",
+        "coordinator.tick_s=0.2",
+        "coordinator.round_s=600",
+    ]
+    watcher = mqtt_client(broker.config(), "watcher")
+    releases, rounds = Inbox(), Inbox()
+    watcher.subscribe(release_topic(FED), releases)
+    watcher.subscribe(round_topic(FED), rounds)
+    devices = {name: SimDevice(broker.config(), name, domain=d) for name, d in DOMAINS.items()}
+    ingest = Service("ingest", overrides, tmp_path / "ingest.log")
+    coordinator = Service("coordinator", overrides, tmp_path / "coordinator-a.log")
+    services = [ingest, coordinator]
+    try:
+        for device in devices.values():
+            device.publish_card()
+        spec = next(iter(devices.values())).wait_round(0)
+        state = read_state(store, FED, 0)
+        assert state is not None and state.status == "open"
+        # Phase I found the planted domains, and the plan gives each sequence 2 devices per cluster.
+        members = sorted(sorted(m) for m in state.clusters.members.values())
+        assert members == [["fin-0", "fin-1"], ["med-0", "med-1", "med-2"]]
+        payloads = {name: _packets(name, spec) for name in devices}
+        half = {name: p[: len(p) // 2] for name, p in payloads.items()}
+        threads = [threading.Thread(target=devices[n].deliver, args=(half[n],)) for n in devices]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        sent_half = sum(len(p) for p in half.values())
+        wait_for(
+            lambda: (s := read_state(store, FED, 0)) and s.coverage and s.coverage.packets == sent_half,
+            timeout=30,
+            what="the coordinator to index the first half",
+        )
+        coordinator.kill9()  # in the middle of the round
+
+        rest = {name: p[len(p) // 2 :] for name, p in payloads.items()}
+        threads = [threading.Thread(target=devices[n].deliver, args=(rest[n],)) for n in devices]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        coordinator = Service("coordinator", overrides, tmp_path / "coordinator-b.log")
+        services.append(coordinator)
+        closed = wait_for(
+            lambda: (s := read_state(store, FED, 0)) and s.status == "closed" and s,
+            timeout=30,
+            what="round 0 to close",
+        )
+        assert closed.close_reason == "coverage"
+        assert closed.spec.opened_at == spec.opened_at, "the restarted coordinator did not plan again"
+        total = sum(len(p) for p in payloads.values())
+        assert closed.coverage is not None and closed.coverage.complete
+        assert closed.coverage.packets == total
+        assert len(list(store.list(f"{FED}/rounds/0/knowledge/"))) == total  # nothing lost or doubled
+        rounds.wait_until(lambda ms: ms and ms[-1].payload == b"", what="the round topic cleared")
+
+        # The trainer finishes round 0: the coordinator announces the release and opens round 1.
+        note = ReleaseNote(federation=FED, version="r0-test", round=0, uri="s3://x/releases/r0-test/")
+        store.put(release_key(FED, "r0-test"), encode_message(note))
+        releases.wait_until(lambda ms: any(b"r0-test" in m.payload for m in ms), timeout=30)
+        next_spec = next(iter(devices.values())).wait_round(1)
+        assert set(next_spec.assignments) == set(DOMAINS)
+        assert read_pointer(store, FED) == 1
+        assert read_state(store, FED, 0).release == "r0-test"  # type: ignore[union-attr]
+
+        shown = subprocess.run(
+            [sys.executable, "-m", "deepfusion.cloud.cli", "status"]
+            + [arg for item in overrides for arg in ("--set", item)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"OMP_NUM_THREADS": "1", "COLUMNS": "200", "PATH": ""},
+        )
+        assert shown.returncode == 0, shown.stderr
+        for text in ("med-0", "fin-1", "r0-test", "Current round", "1 (open)"):
+            assert text in shown.stdout, shown.stdout
+    finally:
+        for device in devices.values():
+            device.close()
+        for service in services:
+            if service.process.poll() is None:
+                service.stop()
+
+
+@pytest.mark.parametrize(("quorum", "outcome"), [(0.3, "deadline"), (0.9, "deadline-no-quorum")])
+def test_deadline_closes_with_or_without_quorum(broker, tmp_path, quorum, outcome):
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(20)), name="pub", per_shard=20)
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    config = config_from(
+        [
+            *base_overrides(broker, str(tmp_path / "store")),
+            "coordinator.redundancy=1",
+            f"coordinator.quorum={quorum}",
+            "coordinator.min_devices=2",
+            "coordinator.round_s=60",
+        ]
+    )
+    devices = [SimDevice(broker.config(), name, domain=i) for i, name in enumerate(("a-0", "b-0"))]
+    coordinator = Coordinator(config, store, clock=lambda: now[0])
+    client = coordinator.connect()
+    try:
+        for device in devices:
+            device.publish_card()
+        coordinator.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
+        assert coordinator.step() == "round 0: opened"
+        spec = read_state(store, FED, 0).spec  # type: ignore[union-attr]
+        assert list_shards(store, FED)[0].sequences == 20
+        # Only device a-0 delivers: half of the (cluster, sequence) slots.
+        for payload in _packets("a-0", spec):
+            ack = store_packet(store, FED, knowledge_topic(FED, "a-0"), payload, max_bytes=1 << 20)
+            assert ack.accepted
+        assert coordinator.step().startswith("round 0: 20/40")
+        now[0] += timedelta(seconds=61)
+        assert coordinator.step() == f"round 0: closed ({outcome})"
+        state = read_state(store, FED, 0)
+        assert state is not None and state.close_reason == outcome
+        if outcome == "deadline":
+            assert read_pointer(store, FED) == 0  # waits for the trainer's release of round 0
+            assert coordinator.step() == "round 0: closed, waiting for its release"
+        else:
+            assert read_pointer(store, FED) == 1  # nothing to train on: the next round opens at once
+    finally:
+        for device in devices:
+            device.close()
+        client.close()

@@ -1,0 +1,116 @@
+"""Round planning, coverage and the close rule: pure functions."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from deepfusion.cloud.ingest import IngestContext
+from deepfusion.cloud.rounds import close_decision, coverage_report, plan_assignments, quotas
+from deepfusion.shared.messages import RejectReason, RoundSpec, ShardAssignment, ShardRef
+from tests.shared.packet_factory import FINGERPRINT, make_packet
+
+
+def _shards(*sizes: int) -> list[ShardRef]:
+    return [
+        ShardRef(shard=f"s-{i}", url="file:///x", sha256="0" * 64, sequences=n) for i, n in enumerate(sizes)
+    ]
+
+
+def _scorers(plan: dict[str, list[ShardAssignment]]) -> dict[tuple[str, int], list[str]]:
+    out: dict[tuple[str, int], list[str]] = {}
+    for device, ranges in plan.items():
+        for a in ranges:
+            for i in range(a.start, a.stop):
+                out.setdefault((a.shard, i), []).append(device)
+    return out
+
+
+@pytest.mark.parametrize("redundancy", [1, 2, 3])
+def test_every_sequence_gets_r_distinct_devices_of_each_cluster(redundancy):
+    shards = _shards(37, 100, 5)
+    clusters = {f"m{i}": 0 for i in range(4)} | {f"f{i}": 1 for i in range(3)} | {"solo": 2}
+    plan = plan_assignments(shards, clusters, redundancy)
+    scorers = _scorers(plan)
+    assert len(scorers) == 142
+    for devices in scorers.values():
+        assert len(devices) == len(set(devices))
+        per_cluster = Counter(clusters[d] for d in devices)
+        assert per_cluster[0] == min(redundancy, 4)
+        assert per_cluster[1] == min(redundancy, 3)
+        assert per_cluster[2] == 1  # a cluster smaller than R scores everything with what it has
+    for device, ranges in plan.items():
+        assert len({(a.shard, a.start) for a in ranges}) == len(ranges), device
+
+
+def test_work_follows_throughput():
+    clusters = {"fast": 0, "slow": 0, "unknown": 0}
+    plan = plan_assignments(_shards(300), clusters, 2, {"fast": 3.0, "slow": 1.0})
+    load = {d: sum(a.stop - a.start for a in r) for d, r in plan.items()}
+    assert sum(load.values()) == 600
+    # The unknown device counts as average (2.0): shares 3:1:2 of 600, the fast one capped at 300.
+    assert load == {"fast": 300, "slow": 100, "unknown": 200}
+
+
+def test_quotas_sum_and_respect_the_cap():
+    q = quotas({"a": 10.0, "b": 1.0, "c": 1.0}, 25, 10)
+    assert sum(q.values()) == 25 and max(q.values()) <= 10 and q["a"] == 10
+    with pytest.raises(ValueError):
+        quotas({"a": 1.0}, 11, 10)
+
+
+def _spec(
+    assignments: dict[str, list[ShardAssignment]], deadline: datetime, shards: list[ShardRef] | None = None
+) -> RoundSpec:
+    return RoundSpec(
+        federation="fed",
+        round=3,
+        tokenizer=FINGERPRINT,
+        shards=shards or _shards(10),
+        assignments=assignments,
+        top_k=8,
+        stages=4,
+        patches=2,
+        deadline=deadline,
+    )
+
+
+def test_coverage_and_close_rules():
+    now = datetime.now(UTC)
+    clusters = {"a": 0, "b": 0, "c": 1}
+    plan = plan_assignments(_shards(10), clusters, 1)
+    spec = _spec(plan, now + timedelta(minutes=5))
+    delivered = {("a", "s-0"): set(range(0, 5)), ("c", "s-0"): set(range(10))}
+    cov = coverage_report(spec, clusters, delivered)
+    assert (cov.assigned, cov.delivered, cov.slots, cov.slots_covered) == (20, 15, 20, 15)
+    assert cov.devices == {"a": (5, 5), "b": (0, 5), "c": (10, 10)}
+    assert close_decision(cov, spec.deadline, now, quorum=0.5) is None
+    assert close_decision(cov, spec.deadline, spec.deadline, quorum=0.5) == "deadline"
+    assert close_decision(cov, spec.deadline, spec.deadline, quorum=0.9) == "deadline-no-quorum"
+    delivered[("b", "s-0")] = set(range(5, 10))
+    full = coverage_report(spec, clusters, delivered)
+    assert full.complete and close_decision(full, spec.deadline, now, quorum=1.0) == "coverage"
+
+
+def test_ingest_context_rules():
+    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
+    assigned = {"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]}
+    spec = _spec(assigned, datetime.now(UTC), [shard])
+    context = IngestContext(cards={"dev-1": FINGERPRINT, "dev-2": "cd" * 32}, rounds={3: spec})
+    ok = make_packet(seed=1, device="dev-1", federation="fed", round=3, shard="shard-0", sequences=1)
+    assert context.check(ok) is None
+
+    def reason(sequences: int = 1, **fields: object) -> RejectReason | None:
+        base: dict[str, object] = {"device": "dev-1", "federation": "fed", "round": 3, "shard": "shard-0"}
+        base.update(fields)
+        problem = context.check(make_packet(seed=1, sequences=sequences, **base))
+        return problem.reason if problem else None
+
+    assert reason(device="dev-3") == RejectReason.UNKNOWN_DEVICE
+    assert reason(round=4) == RejectReason.ROUND_CLOSED
+    assert reason(tokenizer="ef" * 32) == RejectReason.TOKENIZER_MISMATCH
+    assert reason(device="dev-2") == RejectReason.TOKENIZER_MISMATCH  # the round's, not the card's
+    assert reason(shard="shard-1") == RejectReason.NOT_ASSIGNED
+    assert reason(sequences=3) == RejectReason.NOT_ASSIGNED  # sequence ids 0, 7, 14: 14 is outside
