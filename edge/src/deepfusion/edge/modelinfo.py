@@ -73,6 +73,29 @@ def shape_from_hf_config(config: dict[str, Any]) -> ModelShape:
         ) from None
 
 
+def checkpoint_config(model_dir: Path, families: tuple[str, ...], target: str, hint: str) -> dict[str, Any]:
+    """The config.json of a checkpoint an exporter can handle, checked before any slow work.
+
+    Raises `ModelError` when the directory is no transformers checkpoint, its family is not one of
+    `families` (the ones `target` was checked on; `hint` says what to use instead), or it has no
+    tokenizer.
+    """
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(
+            ErrorCode.BAD_INPUT, f"{model_dir} has no config.json", "pass a transformers checkpoint directory"
+        )
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in families:
+        raise ModelError(
+            ErrorCode.UNSUPPORTED_ARCHITECTURE,
+            f"{target} export supports {', '.join(families)}; this model is {model_type!r}",
+            hint,
+        )
+    tokenizer_path(model_dir)
+    return config
+
+
 def tokenizer_path(model_path: Path) -> Path:
     """The `tokenizer.json` that belongs to a model directory or file."""
     directory = model_path if model_path.is_dir() else model_path.parent

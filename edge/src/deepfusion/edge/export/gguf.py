@@ -19,7 +19,6 @@ The output directory holds `model.<quant>.gguf` and the tokenizer files (the sco
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
-from deepfusion.edge.modelinfo import read_gguf, tokenizer_path
+from deepfusion.edge.modelinfo import checkpoint_config, read_gguf, tokenizer_path
 
 __all__ = ["GGUF_FAMILIES", "GgufQuant", "converter_dir", "export_gguf", "gguf_vocab_check"]
 
@@ -98,27 +97,16 @@ def converter_dir(cache_root: Path | None = None, llama_cpp_version: str | None 
     return target
 
 
-def _check_source(model_dir: Path) -> dict[str, object]:
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(
-            ErrorCode.BAD_INPUT, f"{model_dir} has no config.json", "pass a transformers checkpoint directory"
-        )
-    config = json.loads((model_dir / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in GGUF_FAMILIES:
-        raise ModelError(
-            ErrorCode.UNSUPPORTED_ARCHITECTURE,
-            f"GGUF export supports {', '.join(GGUF_FAMILIES)}; this model is {model_type!r}",
-            "use the ONNX export or the torch backend for this model",
-        )
-    if model_type == "gpt2" and "n_ctx" not in config:
+def _check_source(model_dir: Path) -> None:
+    config = checkpoint_config(
+        model_dir, GGUF_FAMILIES, "GGUF", "use the ONNX export or the torch backend for this model"
+    )
+    if config["model_type"] == "gpt2" and "n_ctx" not in config:
         raise ModelError(
             ErrorCode.UNSUPPORTED_ARCHITECTURE,
             "llama.cpp's GPT-2 converter needs n_ctx in config.json",
             "add n_ctx (equal to n_positions) to config.json",
         )
-    tokenizer_path(model_dir)
-    return config
 
 
 def _convert(model_dir: Path, outfile: Path, outtype: str, vendor: Path) -> None:

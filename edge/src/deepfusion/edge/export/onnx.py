@@ -28,33 +28,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
-from deepfusion.edge.modelinfo import EXPORT_MANIFEST, shape_from_hf_config, tokenizer_path
+from deepfusion.edge.modelinfo import EXPORT_MANIFEST, checkpoint_config, shape_from_hf_config
 
 __all__ = ["ONNX_FAMILIES", "OnnxQuant", "export_onnx"]
 
 OnnxQuant = Literal["fp32", "int8"]
 # Dense decoder families whose export was checked against torch (tests/edge). MoE exports are refused:
-# Qwen2-MoE does not export and DeepSeek-V3 exports with wrong numerics (STACK.md).
+# Qwen2-MoE does not export and DeepSeek-V3 exports with wrong numerics (measured with optimum 2.1).
 ONNX_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3")
 HEAD_PREFIX = "deepfusion_head/"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
-
-
-def _check_source(model_dir: Path) -> dict[str, Any]:
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(
-            ErrorCode.BAD_INPUT, f"{model_dir} has no config.json", "pass a transformers checkpoint directory"
-        )
-    config = json.loads((model_dir / "config.json").read_text())
-    model_type = config.get("model_type")
-    if model_type not in ONNX_FAMILIES:
-        raise ModelError(
-            ErrorCode.UNSUPPORTED_ARCHITECTURE,
-            f"ONNX export supports {', '.join(ONNX_FAMILIES)}; this model is {model_type!r}",
-            "use the torch backend, or the GGUF export for Llama/Qwen2 models",
-        )
-    tokenizer_path(model_dir)  # fail before the slow export when the tokenizer is missing
-    return config
 
 
 def _optimum_export(model_dir: Path, raw_dir: Path, num_layers: int) -> None:
@@ -203,7 +186,9 @@ def export_onnx(
 ) -> Path:
     """Export `model_dir` to `output_dir` (created or replaced); return `output_dir/model.onnx`."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    config = _check_source(model_dir)
+    config = checkpoint_config(
+        model_dir, ONNX_FAMILIES, "ONNX", "use the torch backend, or the GGUF export for Llama/Qwen2 models"
+    )
     shape = shape_from_hf_config(config)
     onnx = require("onnx")
     output_dir.mkdir(parents=True, exist_ok=True)
