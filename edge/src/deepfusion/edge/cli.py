@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from deepfusion.edge import __version__
+from deepfusion.edge.agent import run
 from deepfusion.edge.inspect_packets import inspect
 from deepfusion.edge.model_cli import export, finetune, info, score
 
@@ -41,6 +42,7 @@ app.command()(finetune)
 app.command()(export)
 app.command()(score)
 app.command()(info)
+app.command()(run)
 
 
 def main() -> None:

@@ -1,0 +1,562 @@
+"""`deepfusion-edge run`: the device agent, a long-running member of a federation (design sections 3, 4, 7).
+
+    Agent(load_device_config("device.toml")).run(stop_event)
+
+What it does, in order:
+
+1. Joins: loads the model and its tokenizer, computes (or reads from its cache) the data embedding e_n of
+   the private corpus, connects with a Last Will that marks it offline, and publishes its retained
+   `DeviceCard` and `DeviceStatus`.
+2. Follows the retained `RoundSpec`. For each assignment of this device: fetches the shard (sha256
+   checked), scores sequences [start, stop) in batches (sequence i is line i of the shard, cut to the
+   round's `max_tokens`), packs them into packets within the round's byte budget and writes each packet
+   to the spool before anything is published. A new RoundSpec cancels the stale round between batches;
+   a passed deadline ends it.
+3. Uplink (its own thread): publishes every spooled packet with QoS 1 at the configured byte rate and
+   publishes it again whenever its Ack is late; an accepted Ack removes it from the spool, a rejected
+   one is logged and dropped. After a crash, reboot or broker outage the spool still holds what was
+   not acknowledged, and the scoring cursor stored with each packet says where to resume.
+4. On SIGTERM: finishes the current batch, spools what it holds, marks itself offline and exits.
+
+Packets equal `deepfusion-edge score` on the same texts: the same windows, backend batches, packet
+builder and encoder, so equal inputs give byte-identical packets.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import typer
+
+from deepfusion.edge import __version__
+from deepfusion.edge.agent_config import DeviceConfig, load_device_config
+from deepfusion.edge.fetch import FetchError, fetch_shard
+from deepfusion.edge.scoring import Window, read_texts, to_knowledge, windows
+from deepfusion.edge.spool import Spool, SpoolFull
+from deepfusion.shared.config import ConfigError
+from deepfusion.shared.fingerprint import tokenizer_fingerprint
+from deepfusion.shared.messages import (
+    Ack,
+    DeviceCard,
+    DeviceState,
+    DeviceStatus,
+    MessageError,
+    RoundSpec,
+    ShardAssignment,
+    decode_message,
+    encode_message,
+)
+from deepfusion.shared.mqtt import Message, MqttClient, MqttError, Will
+from deepfusion.shared.packets import PacketBuilder, PacketHeader, SequenceTooLarge, decode
+from deepfusion.shared.topics import ack_topic, card_topic, knowledge_topic, round_topic, status_topic
+
+__all__ = ["Agent", "RateLimiter", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class RateLimiter:
+    """Token bucket in bytes per second (0: unlimited); one second of burst."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._tokens = float(rate)
+        self._last = time.monotonic()
+
+    def acquire(self, size: int, stop: threading.Event) -> bool:
+        """Wait until `size` bytes may go out; False when `stop` was set meanwhile."""
+        if self.rate <= 0:
+            return True
+        while True:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= min(size, self.rate):  # a packet larger than the burst goes at a full bucket
+                self._tokens -= size
+                return True
+            if stop.wait((min(size, self.rate) - self._tokens) / self.rate):
+                return False
+
+
+class _Cancelled(Exception):
+    """The round being scored is no longer current."""
+
+
+def _chunks(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    chunk: list[Window] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parameters_estimate(layers: int, hidden: int, vocab: int) -> int:
+    """Parameters of a decoder when its files do not say (GGUF): 12 L H^2 + V H."""
+    return max(1, 12 * layers * hidden * hidden + vocab * hidden)
+
+
+class Agent:
+    """One device of a federation. `run(stop)` blocks until `stop` is set."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+        self.device = config.device.id
+        self.federation = config.device.federation
+        self.spool = Spool(config.spool.dir, config.spool.max_bytes)
+        self._client: MqttClient | None = None
+        self._cond = threading.Condition()
+        self._spec: RoundSpec | None = None
+        self._generation = 0
+        self._closing = threading.Event()  # uplink and waits stop
+        self._status: dict[str, Any] = {"state": DeviceState.ONLINE}
+        self._status_sent = 0.0
+        self._full_warned = False
+        self.backend: Any = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        from deepfusion.edge.backends import load_backend
+        from deepfusion.edge.modelinfo import load_tokenizer, model_info
+
+        cfg = self.config
+        info = model_info(cfg.model.path)
+        name = cfg.model.backend if cfg.model.backend != "auto" else info.backends[0]
+        self.tokenizer = load_tokenizer(info.path)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer.get_vocab(with_added_tokens=True))
+        self.backend = load_backend(name, info.path, threads=cfg.model.threads)
+        self.model_name = Path(info.path).name
+        try:
+            card = self._card(info, name)
+            will = Will(
+                status_topic(self.federation, self.device), encode_message(self._status_message("offline"))
+            )
+            client = MqttClient(cfg.mqtt, self.device, will=will, clean_start=False)
+            self._client = client
+            client.subscribe(ack_topic(self.federation, self.device), self._on_ack)
+            client.subscribe(round_topic(self.federation), self._on_round)
+            if not self._connect(client, stop):
+                return
+            client.publish(card_topic(self.federation, self.device), encode_message(card), retain=True)
+            self._publish_status(force=True)
+            log.info(
+                "agent joined device=%s federation=%s backend=%s model=%s spooled=%d",
+                self.device,
+                self.federation,
+                name,
+                self.model_name,
+                len(self.spool),
+            )
+            uplink = threading.Thread(target=self._uplink, name="uplink", daemon=True)
+            uplink.start()
+            try:
+                self._rounds(stop)
+            finally:
+                self._closing.set()
+                uplink.join(timeout=30)
+                self._say_offline(client)
+                client.close()
+        finally:
+            self.backend.close()
+            log.info("agent stopped device=%s unacked=%d", self.device, len(self.spool))
+
+    def _connect(self, client: MqttClient, stop: threading.Event) -> bool:
+        """Connect, retrying with jittered exponential backoff while the broker is unreachable."""
+        delay = self.config.mqtt.reconnect_min_s
+        while not stop.is_set():
+            try:
+                client.connect(timeout=10)
+                return True
+            except MqttError as exc:
+                wait = delay * (1 + np.random.default_rng().random())
+                log.warning("agent cannot connect: %s; retrying in %.1f s", exc, wait)
+                stop.wait(wait)
+                delay = min(delay * 2, self.config.mqtt.reconnect_max_s)
+        return False
+
+    def _say_offline(self, client: MqttClient) -> None:
+        """A clean disconnect discards the Last Will, so say it ourselves."""
+        try:
+            client.publish_and_wait(
+                status_topic(self.federation, self.device),
+                encode_message(self._status_message("offline")),
+                retain=True,
+                timeout=5,
+            )
+        except MqttError as exc:
+            log.warning("could not publish the offline status: %s", exc)
+
+    # -- joining ---------------------------------------------------------------------------------------
+
+    def _card(self, info: Any, backend: str) -> DeviceCard:
+        shape = self.backend.shape
+        stages = self.config.model.stages
+        return DeviceCard(
+            federation=self.federation,
+            device=self.device,
+            model_family=shape.architecture,
+            model_params=info.parameters
+            or _parameters_estimate(shape.num_layers, shape.hidden_size, shape.vocab_size),
+            tokenizer=self.fingerprint,
+            vocab_size=shape.vocab_size,
+            backend=backend,
+            hardware=self.config.device.hardware or f"{platform.machine()} {platform.system()}".strip(),
+            stages=stages,
+            feature_width=shape.hidden_size if stages else 0,
+            embedding=self._embedding(),
+            software=__version__,
+        )
+
+    def _embedding(self) -> list[int]:
+        data = self.config.data
+        if data.embedding is not None:
+            return list(data.embedding)
+        if data.private is None:
+            raise ConfigError("set data.private (the private corpus) or data.embedding (a precomputed e_n)")
+        from deepfusion.edge.embed import EmbeddingUnavailable, data_embedding
+
+        started = time.perf_counter()
+        try:
+            values = data_embedding(
+                list(read_texts(data.private)),
+                max_texts=data.embedding_max_texts,
+                cache_dir=self.config.device.state_dir / "embeddings",
+            )
+        except EmbeddingUnavailable as exc:
+            raise ConfigError(f"{exc}; or set data.embedding to a precomputed e_n") from None
+        log.info("data embedding ready seconds=%.2f", time.perf_counter() - started)
+        return values
+
+    # -- status ----------------------------------------------------------------------------------------
+
+    def _status_message(self, state: str | None = None, **changes: Any) -> DeviceStatus:
+        self._status.update(changes)
+        fields = {**self._status, "state": state or self._status["state"]}
+        return DeviceStatus(
+            federation=self.federation,
+            device=self.device,
+            model=getattr(self, "model_name", ""),
+            backend=getattr(self.backend, "name", None),
+            software=__version__,
+            packets_unacked=len(self.spool),
+            **fields,
+        )
+
+    def _publish_status(self, *, force: bool = False, **changes: Any) -> None:
+        message = self._status_message(**changes)
+        now = time.monotonic()
+        client = self._client
+        if client is None or not (force or now - self._status_sent >= self.config.uplink.status_interval_s):
+            return
+        self._status_sent = now
+        try:
+            client.publish(status_topic(self.federation, self.device), encode_message(message), retain=True)
+        except MqttError as exc:
+            log.debug("status not published: %s", exc)
+
+    # -- MQTT handlers (network thread) ----------------------------------------------------------------
+
+    def _on_round(self, message: Message) -> None:
+        if not message.payload:
+            return  # the retained round was cleared
+        try:
+            spec = decode_message(RoundSpec, message.payload)
+        except MessageError as exc:
+            log.error("ignored an invalid RoundSpec: %s", exc)
+            return
+        with self._cond:
+            current = self._spec
+            if current is not None and (current.round, current.opened_at) == (spec.round, spec.opened_at):
+                return  # the retained copy again, after a reconnect
+            self._spec = spec
+            self._generation += 1
+            self._cond.notify_all()
+        log.info(
+            "round received round=%d assignments=%d", spec.round, len(spec.assignments.get(self.device, []))
+        )
+
+    def _on_ack(self, message: Message) -> None:
+        try:
+            ack = decode_message(Ack, message.payload)
+        except MessageError as exc:
+            log.error("ignored an invalid Ack: %s", exc)
+            return
+        if ack.accepted:
+            if self.spool.ack(ack.packet):
+                log.debug("packet acked packet=%s duplicate=%s", ack.packet[:12], ack.duplicate)
+        else:
+            reason = ack.reason.value if ack.reason is not None else "unknown"
+            self.spool.reject(ack.packet, reason, ack.detail)
+
+    # -- uplink thread ---------------------------------------------------------------------------------
+
+    def _uplink(self) -> None:
+        client = self._client
+        assert client is not None
+        topic = knowledge_topic(self.federation, self.device)
+        limiter = RateLimiter(self.config.uplink.rate_limit_bytes_s)
+        resend_s = self.config.spool.resend_s
+        sent: dict[str, tuple[float, Any]] = {}  # digest -> (when, paho's message info)
+        while not self._closing.is_set():
+            if client.connected:
+                for entry in self.spool.pending():
+                    if self._closing.is_set() or not client.connected:
+                        break
+                    last = sent.get(entry.digest)
+                    if last is not None:
+                        age = time.monotonic() - last[0]
+                        # Still in flight: paho retransmits it itself after a reconnect.
+                        in_flight = not last[1].is_published()
+                        if age < resend_s or (in_flight and age < 3 * resend_s):
+                            continue
+                        log.info("resending unacked packet=%s age=%.1fs", entry.digest[:12], age)
+                    try:
+                        data = self.spool.read(entry.digest)
+                    except KeyError:
+                        continue  # acknowledged meanwhile
+                    if not limiter.acquire(len(data) + len(topic), self._closing):
+                        break
+                    try:
+                        sent[entry.digest] = (time.monotonic(), client.publish(topic, data, qos=1))
+                    except MqttError as exc:
+                        log.warning("publish failed: %s", exc)
+                        break
+                live = {e.digest for e in self.spool.pending()}
+                for digest in [d for d in sent if d not in live]:
+                    del sent[digest]
+            self._publish_status()
+            self.spool.wait_for_change(min(0.5, resend_s / 4))
+
+    # -- rounds ----------------------------------------------------------------------------------------
+
+    def _rounds(self, stop: threading.Event) -> None:
+        done_generation = 0
+        while not stop.is_set():
+            with self._cond:
+                if self._generation == done_generation:
+                    self._cond.wait(0.5)
+                spec, generation = self._spec, self._generation
+            if stop.is_set() or spec is None or generation == done_generation:
+                continue
+            try:
+                self._score_round(spec, generation, stop)
+                done_generation = generation
+            except _Cancelled:
+                log.info("round %d: scoring abandoned (a newer RoundSpec, or shutdown)", spec.round)
+            except FetchError as exc:
+                log.error("round %d: %s; retrying in %.0f s", spec.round, exc, 10.0)
+                self._publish_status(force=True, detail=str(exc)[:500])
+                stop.wait(10.0)
+
+    def _current(self, generation: int) -> None:
+        if self._generation != generation:
+            raise _Cancelled
+
+    def _score_round(self, spec: RoundSpec, generation: int, stop: threading.Event) -> None:
+        assignments = spec.assignments.get(self.device, [])
+        self.spool.keep_cursors(f"{spec.round}/")
+        if not assignments:
+            self._publish_status(
+                force=True, state=DeviceState.ONLINE, round=spec.round, detail="not assigned"
+            )
+            return
+        if datetime.now(UTC) >= spec.deadline:
+            log.warning("round %d: deadline %s has passed; not scoring", spec.round, spec.deadline)
+            return
+        if spec.tokenizer != self.fingerprint:
+            log.error(
+                "round %d uses tokenizer %s, this model has %s; not scoring",
+                spec.round,
+                spec.tokenizer[:12],
+                self.fingerprint[:12],
+            )
+            self._publish_status(force=True, round=spec.round, detail="tokenizer mismatch")
+            return
+        total = sum(a.stop - a.start for a in assignments)
+        done = sum(self._resume_at(spec, a) - a.start for a in assignments)
+        self._publish_status(
+            force=True,
+            state=DeviceState.SCORING,
+            round=spec.round,
+            sequences_done=done,
+            sequences_total=total,
+            detail="",
+        )
+        shards = {s.shard: s for s in spec.shards}
+        for assignment in assignments:
+            begin = self._resume_at(spec, assignment)
+            if begin >= assignment.stop:
+                continue
+            texts = fetch_shard(shards[assignment.shard], self.config.device.state_dir / "shards")
+            stop_at = min(assignment.stop, len(texts))
+            done = self._score_assignment(spec, generation, assignment, texts, begin, stop_at, done, stop)
+            if stop.is_set() or datetime.now(UTC) >= spec.deadline:
+                break
+        finished = not stop.is_set()
+        self._publish_status(
+            force=True,
+            state=DeviceState.ONLINE,
+            sequences_done=done,
+            detail="round scored" if finished else "",
+        )
+        log.info(
+            "round %d scored=%s sequences=%d/%d unacked=%d",
+            spec.round,
+            finished,
+            done,
+            total,
+            len(self.spool),
+        )
+
+    @staticmethod
+    def _cursor_key(spec: RoundSpec, assignment: ShardAssignment) -> str:
+        return f"{spec.round}/{assignment.shard}/{assignment.start}"
+
+    def _resume_at(self, spec: RoundSpec, assignment: ShardAssignment) -> int:
+        return max(assignment.start, self.spool.cursor(self._cursor_key(spec, assignment)) or 0)
+
+    def _header(self, spec: RoundSpec, shard: str) -> PacketHeader:
+        backend = self.backend
+        stages = spec.stages
+        feature_stages = (
+            backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
+        )
+        return PacketHeader(
+            federation=self.federation,
+            round=spec.round,
+            device=self.device,
+            shard=shard,
+            tokenizer=self.fingerprint,
+            vocab_size=backend.shape.vocab_size,
+            top_k=spec.top_k,
+            top_p=spec.top_p,
+            stages=stages,
+            patches=spec.patches,
+            feature_stages=feature_stages,
+            feature_width=backend.shape.hidden_size if feature_stages else 0,
+        )
+
+    def _score_assignment(
+        self,
+        spec: RoundSpec,
+        generation: int,
+        assignment: ShardAssignment,
+        texts: list[str],
+        begin: int,
+        stop_at: int,
+        done: int,
+        stop: threading.Event,
+    ) -> int:
+        header = self._header(spec, assignment.shard)
+        id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
+        builder = PacketBuilder(header, budget=spec.packet_budget)
+        key = self._cursor_key(spec, assignment)
+
+        def first_windows() -> Iterator[Window]:
+            seen = -1
+            for window in windows(self.tokenizer, texts[begin:stop_at], spec.max_tokens):
+                if window.record != seen:  # sequence i of a round is line i, cut to max_tokens
+                    seen = window.record
+                    yield replace(window, sequence_id=begin + window.record)
+
+        def spool(packets: list[bytes]) -> None:
+            for data in packets:
+                last = int(decode(data).sequence_ids.max())
+                self._spool(data, spec.round, (key, last + 1), stop, generation)
+
+        for chunk in _chunks(first_windows(), self.config.model.batch_size):
+            self._current(generation)
+            scores = self.backend.score(
+                [w.token_ids for w in chunk], top_k=spec.top_k, stages=spec.stages, patches=spec.patches
+            )
+            for window, score in zip(chunk, scores, strict=True):
+                knowledge = to_knowledge(window, score, spec.top_p, id_dtype)
+                if not header.feature_stages:
+                    knowledge = replace(knowledge, features=None)
+                try:
+                    spool(builder.add(knowledge))
+                except SequenceTooLarge as exc:
+                    log.error("round %d: skipped a sequence: %s", spec.round, exc)
+            done += len(chunk)
+            self._publish_status(sequences_done=done)
+            if stop.is_set() or datetime.now(UTC) >= spec.deadline:
+                break
+        self._current(generation)
+        spool(builder.flush())
+        if not stop.is_set() and datetime.now(UTC) < spec.deadline:
+            self.spool.set_cursor(key, stop_at)  # also past trailing records that gave no window
+        return done
+
+    def _spool(
+        self, data: bytes, round_id: int, cursor: tuple[str, int], stop: threading.Event, generation: int
+    ) -> None:
+        while True:
+            try:
+                self.spool.add(data, round=round_id, cursor=cursor)
+                if self._full_warned:
+                    log.info("spool has room again; scoring resumes")
+                    self._full_warned = False
+                return
+            except SpoolFull as exc:
+                if not self._full_warned:
+                    log.warning("%s; scoring paused until the cloud acknowledges packets", exc)
+                    self._publish_status(force=True, detail="spool full: waiting for acks")
+                    self._full_warned = True
+                self._current(generation)  # a newer round does not wait for this one's acks
+                if stop.is_set():
+                    log.warning(
+                        "stopping with a full spool: the last packet is scored again at the next start"
+                    )
+                    raise _Cancelled from None
+                self.spool.wait_for_room(len(data), 0.5)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="Device config (TOML), e.g. device.toml."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a config key: section.key=value (repeatable)."
+    ),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the device agent: join the federation, score rounds, publish knowledge until stopped."""
+    from deepfusion.edge.errors import ModelError
+
+    _configure_logging(log_level)
+    try:
+        cfg = load_device_config(config, set_)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        log.info("signal %s: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        Agent(cfg).run(stop)
+    except (ModelError, ConfigError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

@@ -1,0 +1,270 @@
+"""The device's on-disk spool: every knowledge packet waits here until the cloud's `Ack` for it arrives.
+
+    spool = Spool(Path("/var/lib/deepfusion/spool"), max_bytes=256 * 2**20)
+    digest = spool.add(packet_bytes, round=3, cursor=("3/news-0000/0", 96))   # before publishing
+    for entry in spool.pending(): publish(spool.read(entry.digest))           # until acked
+    spool.ack(digest)                                                         # accepted Ack: gone
+    spool.reject(digest, "round_closed", "round 3 is not open")               # rejected Ack: logged, gone
+
+Layout: `packets/{sha256}.dfk` (the exact bytes that were scored; ingest deduplicates by their sha256,
+so a resend must be byte-identical) and `index.json`, which lists the spooled packets in the order they
+were added and the scoring cursors (how far each assignment got). Crash safety: a packet file is written
+to a temporary name, fsynced and renamed before the index names it; the index is replaced atomically
+(write, fsync, rename, fsync the folder). After a crash the index is the truth: files it does not name
+were never published and are deleted, entries whose file is missing or damaged are dropped with a log
+line (their sequences are scored again, because the cursor that covers them is written in the same index
+update as the packet).
+
+The spool is bounded: `add` raises `SpoolFull` when a packet would take it past `max_bytes`, and the
+caller pauses scoring until acknowledgements make room.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Spool", "SpoolEntry", "SpoolFull"]
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+PACKETS = "packets"
+_SUFFIX = ".dfk"
+_TEMP = ".partial"
+
+
+class SpoolFull(RuntimeError):
+    """The packet does not fit under the spool's byte bound; wait for Acks, then add it again."""
+
+    def __init__(self, size: int, used: int, bound: int) -> None:
+        self.size, self.used, self.bound = size, used, bound
+        super().__init__(
+            f"spool full: {used / 2**20:.1f} MiB of unacknowledged packets, bound {bound / 2**20:.1f} MiB, "
+            f"next packet {size / 1024:.1f} KiB"
+        )
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """One packet waiting for its Ack."""
+
+    digest: str  # sha256 of the packet bytes: the cloud's content-addressed key and the Ack's `packet`
+    round: int
+    size: int
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that after a crash `path` holds either the old or the new content."""
+    partial = path.with_name(path.name + _TEMP)
+    with open(partial, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+    _fsync_directory(path.parent)
+
+
+class Spool:
+    """Packets not yet acknowledged, on disk, in publishing order; thread-safe."""
+
+    def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        if max_bytes < 1:
+            raise ValueError("the spool bound must be at least one byte")
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self._packets = self.directory / PACKETS
+        self._packets.mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._entries: dict[str, SpoolEntry] = {}  # insertion order = publishing order
+        self._cursors: dict[str, int] = {}
+        self._used = 0
+        self._recover()
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._entries)
+
+    def __contains__(self, digest: object) -> bool:
+        with self._cond:
+            return digest in self._entries
+
+    @property
+    def used_bytes(self) -> int:
+        with self._cond:
+            return self._used
+
+    def pending(self) -> list[SpoolEntry]:
+        """The packets still waiting for an Ack, oldest first."""
+        with self._cond:
+            return list(self._entries.values())
+
+    def read(self, digest: str) -> bytes:
+        """The stored bytes of a packet; `KeyError` when it was acknowledged meanwhile."""
+        with self._cond:
+            if digest not in self._entries:
+                raise KeyError(digest)
+        try:
+            return (self._packets / f"{digest}{_SUFFIX}").read_bytes()
+        except FileNotFoundError:
+            raise KeyError(digest) from None
+
+    def cursor(self, key: str) -> int | None:
+        """The value last stored for `key` with `add(..., cursor=(key, value))`, or None."""
+        with self._cond:
+            return self._cursors.get(key)
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    def add(self, data: bytes, *, round: int, cursor: tuple[str, int] | None = None) -> str:
+        """Store one packet durably (and a scoring cursor in the same index update); its sha256.
+
+        Raises `SpoolFull` when it would take the spool past its bound (nothing is stored then).
+        Adding bytes that are already spooled only updates the cursor.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        with self._cond:
+            if digest not in self._entries:
+                if self._used + len(data) > self.max_bytes:
+                    raise SpoolFull(len(data), self._used, self.max_bytes)
+                _write_durably(self._packets / f"{digest}{_SUFFIX}", data)
+                self._entries[digest] = SpoolEntry(digest, round, len(data))
+                self._used += len(data)
+            if cursor is not None:
+                self._cursors[cursor[0]] = cursor[1]
+            self._save()
+            self._cond.notify_all()
+        return digest
+
+    def set_cursor(self, key: str, value: int) -> None:
+        """Store a scoring cursor without a packet (e.g. the end of an assignment)."""
+        with self._cond:
+            if self._cursors.get(key) != value:
+                self._cursors[key] = value
+                self._save()
+
+    def ack(self, digest: str) -> bool:
+        """The cloud stored the packet: forget it. False when it was not (or no longer) spooled."""
+        return self._remove(digest)
+
+    def reject(self, digest: str, reason: str, detail: str = "") -> bool:
+        """The cloud refused the packet for good: log it and drop it (it would be refused again)."""
+        with self._cond:
+            entry = self._entries.get(digest)
+        if entry is None:
+            return False
+        log.warning(
+            "spool dropped rejected packet=%s round=%s bytes=%d reason=%s detail=%r",
+            digest[:12],
+            entry.round,
+            entry.size,
+            reason,
+            detail,
+        )
+        return self._remove(digest)
+
+    def keep_cursors(self, prefix: str) -> None:
+        """Forget the cursors whose key does not start with `prefix` (those of finished rounds)."""
+        with self._cond:
+            stale = [k for k in self._cursors if not k.startswith(prefix)]
+            for key in stale:
+                del self._cursors[key]
+            if stale:
+                self._save()
+
+    def wait_for_room(self, size: int, timeout: float) -> bool:
+        """Block until a packet of `size` bytes fits (True) or `timeout` seconds passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._used + size <= self.max_bytes, timeout)
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until a packet is added or removed, or `timeout` seconds passed."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until every packet is acknowledged (True) or `timeout` seconds passed (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._entries, timeout)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _remove(self, digest: str) -> bool:
+        with self._cond:
+            entry = self._entries.pop(digest, None)
+            if entry is None:
+                return False
+            self._used -= entry.size
+            self._save()  # the index first: a crash now leaves an orphan file, deleted at start
+            (self._packets / f"{digest}{_SUFFIX}").unlink(missing_ok=True)
+            self._cond.notify_all()
+            return True
+
+    def _save(self) -> None:
+        index = {
+            "version": 1,
+            "saved_at": time.time(),
+            "packets": [[e.digest, e.round, e.size] for e in self._entries.values()],
+            "cursors": self._cursors,
+        }
+        _write_durably(self.directory / INDEX, json.dumps(index, separators=(",", ":")).encode())
+
+    def _recover(self) -> None:
+        path = self.directory / INDEX
+        index: dict[str, object] = {}
+        if path.is_file():
+            try:
+                index = json.loads(path.read_bytes())
+            except ValueError:
+                log.error("spool index %s is unreadable; starting empty (its packets are scored again)", path)
+        cursors = index.get("cursors", {})
+        if isinstance(cursors, dict):
+            self._cursors = {str(k): int(v) for k, v in cursors.items()}
+        listed = index.get("packets", [])
+        for digest, round_id, size in listed if isinstance(listed, list) else []:
+            file = self._packets / f"{digest}{_SUFFIX}"
+            try:
+                data = file.read_bytes()
+            except FileNotFoundError:
+                log.error("spool packet %s is missing; dropped (its sequences are scored again)", digest[:12])
+                self._cursors.clear()
+                continue
+            if hashlib.sha256(data).hexdigest() != digest:
+                log.error("spool packet %s is damaged; dropped (its sequences are scored again)", digest[:12])
+                file.unlink()
+                self._cursors.clear()
+                continue
+            self._entries[digest] = SpoolEntry(digest, int(round_id), int(size))
+            self._used += int(size)
+        for file in self._packets.iterdir():
+            name = file.name
+            known = name.endswith(_SUFFIX) and name[: -len(_SUFFIX)] in self._entries
+            if not known:
+                file.unlink()  # written before a crash but never indexed, so never published
+        (self.directory / (INDEX + _TEMP)).unlink(missing_ok=True)
+        self._save()
+        if self._entries:
+            log.info(
+                "spool recovered packets=%d bytes=%d dir=%s", len(self._entries), self._used, self.directory
+            )
