@@ -8,6 +8,7 @@ from deepfusion.cloud import __version__
 from deepfusion.cloud.assets_cli import data_app, models_app
 from deepfusion.cloud.services_cli import coordinator, ingest, shards_app, status
 from deepfusion.cloud.simulate import simulate
+from deepfusion.cloud.train_cli import train
 
 app = typer.Typer(
     name="deepfusion-cloud",
@@ -44,6 +45,7 @@ app.command()(ingest)
 app.command()(coordinator)
 app.command()(status)
 app.add_typer(shards_app, name="shards")
+app.command()(train)
 
 
 def main() -> None:

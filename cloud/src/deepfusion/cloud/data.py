@@ -1,0 +1,230 @@
+"""A round's knowledge as training batches: packets in the store -> (sequence, device) rows per cluster.
+
+    index = index_round(store, "fed", 3, clusters)   # one pass: who scored what, seq_nll, feature stats
+    for batch in cluster_batches(store, index, cluster=0, batch_size=8, seed=0):
+        batch.input_ids, batch.rows ...                       # one student forward, many teacher rows
+
+Memory: the index holds only ids, NLLs and feature moments; batches decode the packets they need through
+a small LRU cache, so a round larger than memory streams.
+
+Token positions: the student reads the teachers' own token ids, which requires every teacher of a
+round to share the federation tokenizer (the packets' fingerprint); devices whose tokens for a sequence
+disagree with the first scorer's are skipped for that sequence. Mapping positions by character offsets
+across different tokenizers is not implemented.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from deepfusion.cloud.cluster import ClusterReport
+from deepfusion.cloud.losses import teacher_weights
+from deepfusion.cloud.rounds import round_prefix, state_key
+from deepfusion.shared.packets import KnowledgePacket, PacketError, PacketHeader, SequenceKnowledge, decode
+from deepfusion.shared.store import ObjectNotFound, ObjectStore
+
+__all__ = ["Batch", "RoundIndex", "TeacherRow", "cluster_batches", "index_round", "read_clusters"]
+
+MAX_PACKET_BYTES = 64 * 1024 * 1024
+
+
+def read_clusters(store: ObjectStore, federation: str, round_id: int) -> ClusterReport:
+    """Phase I of the round: `clusters.json`, else the copy inside `state.json`."""
+    prefix = round_prefix(federation, round_id)
+    try:
+        return ClusterReport.model_validate_json(store.get(f"{prefix}clusters.json"))
+    except ObjectNotFound:
+        state = json.loads(store.get(state_key(federation, round_id)))
+        return ClusterReport.model_validate(state["clusters"])
+
+
+@dataclass
+class _Moments:
+    """Running per-dimension mean/variance of one (feature width, stage)'s pooled features."""
+
+    n: int = 0
+    total: np.ndarray | None = None
+    squares: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:  # x [P, W]
+        x = x.astype(np.float64)
+        self.total = x.sum(0) if self.total is None else self.total + x.sum(0)
+        self.squares = (x**2).sum(0) if self.squares is None else self.squares + (x**2).sum(0)
+        self.n += len(x)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.total is not None and self.squares is not None
+        mean = self.total / self.n
+        var = np.maximum(self.squares / self.n - mean**2, 0.0)
+        return mean.astype(np.float32), np.sqrt(var + 1e-6).astype(np.float32)
+
+
+@dataclass
+class RoundIndex:
+    federation: str
+    round: int
+    clusters: ClusterReport
+    # (cluster, shard, sequence id) -> [(packet key, device, seq_nll)]
+    sequences: dict[tuple[int, str, int], list[tuple[str, str, float]]] = field(default_factory=dict)
+    stages: int = 0  # J of the round
+    patches: int = 1  # P of the round
+    moments: dict[tuple[int, int], _Moments] = field(default_factory=dict)  # (width, stage) -> moments
+
+    def cluster_keys(self, cluster: int) -> list[tuple[int, str, int]]:
+        return sorted(k for k in self.sequences if k[0] == cluster)
+
+    def feature_stats(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """(teacher width, stage) -> (mean [W], std [W]) for standardizing the targets."""
+        return {
+            key: tuple(torch.from_numpy(a) for a in m.mean_std())  # type: ignore[misc]
+            for key, m in self.moments.items()
+        }
+
+    @property
+    def feature_widths(self) -> set[int]:
+        return {width for width, _ in self.moments}
+
+
+def index_round(store: ObjectStore, federation: str, round_id: int, clusters: ClusterReport) -> RoundIndex:
+    """One pass over the round's packets; devices outside the clustering are ignored."""
+    index = RoundIndex(federation, round_id, clusters)
+    for key in store.list(f"{round_prefix(federation, round_id)}knowledge/"):
+        if not key.endswith(".dfk"):
+            continue
+        try:
+            packet = decode(store.get(key), max_bytes=MAX_PACKET_BYTES)
+        except (ObjectNotFound, PacketError):
+            continue
+        h = packet.header
+        cluster = clusters.assignment.get(h.device)
+        if cluster is None:
+            continue
+        index.stages, index.patches = h.stages, h.patches
+        for seq in packet.sequences():
+            index.sequences.setdefault((cluster, h.shard, seq.sequence_id), []).append(
+                (key, h.device, seq.nll)
+            )
+            if seq.features is not None:
+                for stage, states in zip(h.feature_stages, seq.features, strict=True):
+                    index.moments.setdefault((h.feature_width, stage), _Moments()).add(states)
+    return index
+
+
+@dataclass(frozen=True)
+class TeacherRow:
+    """One (sequence, device) loss term."""
+
+    seq: int  # row of the batch
+    device: str
+    weight: float  # teacher weight within the sequence (sums to 1 over its devices)
+    topk_ids: torch.Tensor  # [n, k] long
+    topk_logprobs: torch.Tensor  # [n, k] float32, -inf where padded
+    features: torch.Tensor | None  # [Js, P, W] float32, standardized
+    feature_stages: tuple[int, ...]
+    width: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # [B, L] long, right-padded with 0
+    attention_mask: torch.Tensor  # [B, L]
+    lengths: torch.Tensor  # [B]
+    rows: list[TeacherRow]
+
+
+class _PacketCache:
+    def __init__(self, store: ObjectStore, size: int = 16) -> None:
+        self.store, self.size = store, size
+        self.items: OrderedDict[str, tuple[PacketHeader, dict[int, SequenceKnowledge]]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[PacketHeader, dict[int, SequenceKnowledge]]:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        packet: KnowledgePacket = decode(self.store.get(key), max_bytes=MAX_PACKET_BYTES)
+        self.items[key] = (packet.header, {s.sequence_id: s for s in packet.sequences()})
+        if len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return self.items[key]
+
+
+def cluster_batches(
+    store: ObjectStore,
+    index: RoundIndex,
+    cluster: int,
+    *,
+    batch_size: int = 8,
+    tau: float | None = 0.2,
+    seed: int = 0,
+    keys: list[tuple[int, str, int]] | None = None,
+    cache_packets: int = 16,
+) -> Iterator[Batch]:
+    """One epoch over a cluster's sequences in a seeded order, `batch_size` sequences per batch."""
+    keys = list(keys if keys is not None else index.cluster_keys(cluster))
+    random.Random(seed).shuffle(keys)
+    # Teacher weights from seq_nll on the cluster's sequences (quality on the shared ones).
+    devices = sorted(index.clusters.members.get(cluster, []))
+    column = {d: i for i, d in enumerate(devices)}
+    nll = torch.full((len(keys), len(devices)), float("nan"))
+    for r, key in enumerate(keys):
+        for _, device, value in index.sequences[key]:
+            nll[r, column[device]] = value
+    weights = teacher_weights(nll, tau)  # [S, D]
+    stats = index.feature_stats()
+    cache = _PacketCache(store, cache_packets)
+
+    for start in range(0, len(keys), batch_size):
+        chunk = list(enumerate(keys[start : start + batch_size], start))
+        tokens: list[np.ndarray] = []
+        rows: list[TeacherRow] = []
+        for r, key in chunk:
+            first: np.ndarray | None = None
+            for packet_key, device, _ in index.sequences[key]:
+                header, known = cache.get(packet_key)
+                knowledge = known[key[2]]
+                if first is None:
+                    first = knowledge.token_ids
+                    tokens.append(first)
+                elif not np.array_equal(first, knowledge.token_ids):
+                    continue  # another tokenization of the text: positions would not line up
+                feats = _standardized(knowledge, header, stats)
+                rows.append(
+                    TeacherRow(
+                        seq=len(tokens) - 1,
+                        device=device,
+                        weight=float(weights[r, column[device]]),
+                        topk_ids=torch.from_numpy(knowledge.topk_ids.astype(np.int64)),
+                        topk_logprobs=torch.from_numpy(knowledge.topk_logprobs.astype(np.float32)),
+                        features=feats,
+                        feature_stages=header.feature_stages if feats is not None else (),
+                        width=header.feature_width,
+                    )
+                )
+        lengths = torch.tensor([len(t) for t in tokens])
+        ids = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
+        for b, t in enumerate(tokens):
+            ids[b, : len(t)] = torch.from_numpy(t.astype(np.int64))
+        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
+        yield Batch(ids, mask, lengths, rows)
+
+
+def _standardized(
+    knowledge: SequenceKnowledge,
+    header: PacketHeader,
+    stats: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor | None:
+    """The sequence's pooled features [Js, P, W], standardized per (width, stage) over the round."""
+    if knowledge.features is None:
+        return None
+    raw = torch.from_numpy(knowledge.features.astype(np.float32))  # [Js, P, W]
+    width = header.feature_width
+    return torch.stack(
+        [(raw[i] - stats[(width, s)][0]) / stats[(width, s)][1] for i, s in enumerate(header.feature_stages)]
+    )

@@ -1,0 +1,65 @@
+"""Held-out evaluation of any transformers causal LM: token perplexity and token accuracy.
+
+The same code measures students, the merged MoE, baselines and device models, so numbers compare:
+
+    nll   mean next-token negative log-likelihood (nats per predicted token)
+    ppl   exp(nll)
+    acc   share of predicted tokens whose argmax is the true next token
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from deepfusion.cloud.losses import next_token_ce
+
+__all__ = ["evaluate_windows", "token_windows"]
+
+
+def token_windows(tokenizer: object, texts: Iterable[str], max_tokens: int = 256) -> list[np.ndarray]:
+    """Consecutive windows of at most `max_tokens` token ids of each text (no special tokens)."""
+    out = []
+    for text in texts:
+        ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # type: ignore[operator]
+        out += [
+            ids[i : i + max_tokens]
+            for i in range(0, len(ids), max_tokens)
+            if len(ids[i : i + max_tokens]) > 1
+        ]
+    return out
+
+
+@torch.no_grad()
+def evaluate_windows(
+    model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int = 8
+) -> dict[str, float]:
+    """Token-weighted NLL, perplexity and accuracy of `model` over `windows` of token ids."""
+    was_training = model.training
+    model.eval()
+    total_nll, correct, count = 0.0, 0, 0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size]
+        width = max(len(w) for w in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for b, w in enumerate(chunk):
+            ids[b, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.int64))
+            mask[b, : len(w)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+        keep = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
+        n = int(keep.sum())
+        total_nll += float(next_token_ce(logits, ids, mask)) * n
+        correct += int(((logits[:, :-1].argmax(-1) == ids[:, 1:]) & keep).sum())
+        count += n
+    model.train(was_training)
+    nll = total_nll / max(count, 1)
+    return {
+        "nll": nll,
+        "ppl": math.exp(min(nll, 50.0)),
+        "acc": correct / max(count, 1),
+        "tokens": float(count),
+    }

@@ -1,0 +1,129 @@
+"""The phase II losses (design section 5): top-k + tail KL, next-token CE, feature MSE, teacher weights.
+
+A knowledge packet carries, for every token, the teacher's k most likely next ids and their log-probs
+(temperature 1); rows cut short by top-p are padded with a sentinel id and -inf. The KL is measured over
+k + 1 buckets: the teacher's (valid) top-k ids, plus one tail bucket holding the remaining mass on both
+sides. At k = V the tail is empty and the loss is the exact full-vocabulary KL.
+
+Temperature T: the student's distribution is its softmax at T over the whole vocabulary, bucketed; the
+teacher's k + 1 buckets are tempered as they are (q_b ∝ p_b^(1/T)), since the ids inside its tail are
+unknown. At T = 1, or when the tail is empty, both sides are exact. The loss is scaled by T² so its
+gradient keeps the size of the T = 1 loss.
+
+Teacher weights: each (sequence, device) pair is one loss term. Within a cluster, a device's weight is
+exp(-Δnll/τ), Δnll being its mean `seq_nll` on the sequences every member scored, minus the best
+member's; weights are renormalised over the devices that scored each sequence (CALIBRATION round 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "feature_mse",
+    "next_token_ce",
+    "teacher_weights",
+    "topk_tail_kl",
+]
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_tail_kl(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward KL(teacher ‖ student) per token over the teacher's top-k ids plus one tail bucket.
+
+    student_logits  [N, V]  the student's logits at the positions the rows describe
+    topk_ids        [N, k]  teacher ids (long); entries where `valid` is False are ignored
+    topk_logprobs   [N, k]  teacher log-probs at temperature 1; -inf where padded
+    valid           [N, k]  bool, default `isfinite(topk_logprobs)` (sentinel padding is -inf)
+    returns         [N]     KL in nats, times T²
+    """
+    if valid is None:
+        valid = torch.isfinite(topk_logprobs)
+    vocab = student_logits.size(-1)
+    ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).clamp(0, vocab - 1)  # [N, k]
+    neg_inf = torch.tensor(-math.inf, dtype=torch.float32, device=student_logits.device)
+
+    # Which vocabulary entries the teacher's valid ids cover; a row covering all V has no tail bucket.
+    n_rows = student_logits.size(0)
+    counts = torch.zeros(n_rows, vocab, device=student_logits.device)
+    in_topk = counts.scatter_add_(-1, ids, valid.float()) > 0  # [N, V]
+    has_tail = ~in_topk.all(dim=-1)  # [N]
+
+    # Teacher buckets: k valid ids + tail, tempered as buckets.
+    t_lp = torch.where(valid, topk_logprobs.float(), neg_inf)  # [N, k]
+    t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1))  # [N]  log(1 - Σ p_topk)
+    t_tail = torch.where(has_tail, t_tail, neg_inf)
+    t_buckets = torch.cat([t_lp, t_tail[:, None]], dim=-1) / temperature  # [N, k+1]
+    t_buckets = torch.log_softmax(t_buckets, dim=-1)  # renormalise (exact when T = 1)
+
+    # Student buckets: full softmax at T, gathered at the teacher's ids; tail = everything else.
+    s_all = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
+    s_lp = s_all.gather(-1, ids)  # [N, k]  (padded columns are masked out below)
+    s_tail = torch.logsumexp(s_all.masked_fill(in_topk, -1e30), dim=-1)  # [N]  finite, for the gradient
+    s_buckets = torch.cat([s_lp, s_tail[:, None]], dim=-1)  # [N, k+1]
+
+    p = t_buckets.exp()
+    diff = torch.where(p > 0, t_buckets - s_buckets, torch.zeros_like(p))  # 0·log 0 = 0
+    return (p * diff).sum(-1) * temperature**2
+
+
+def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per predicted token).
+
+    logits [B, L, V], input_ids [B, L], mask [B, L] (1 on real tokens). Position t predicts t + 1;
+    a prediction counts only when both tokens are real.
+    """
+    pred = logits[:, :-1].reshape(-1, logits.size(-1)).float()  # [B·(L-1), V]
+    target = input_ids[:, 1:].reshape(-1)  # [B·(L-1)]
+    keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
+    if not keep.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(pred[keep], target[keep])
+
+
+def feature_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error between predicted and (standardized) teacher features.
+
+    pred, target [N, ...] ; weight [N] (one per (sequence, device) pair; normalised here) or None.
+    """
+    per_row = (pred.float() - target.float()).pow(2).flatten(1).mean(-1)  # [N]
+    if weight is None:
+        return per_row.mean()
+    return (per_row * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+def teacher_weights(nll: torch.Tensor, tau: float | None = 0.2) -> torch.Tensor:
+    """Per-(sequence, device) teacher weights within one cluster.
+
+    nll     [S, D]  each device's `seq_nll` on each sequence; NaN where the device did not score it
+    tau     temperature of exp(-Δnll/τ); None gives equal weights
+    returns [S, D]  rows sum to 1 over the devices that scored the sequence (0 elsewhere)
+    """
+    present = torch.isfinite(nll)  # [S, D]
+    if tau is None:
+        logits = torch.zeros_like(nll)
+    else:
+        shared = present.all(dim=1)  # [S] sequences every member scored
+        rows = shared if shared.any() else torch.ones_like(shared)  # no overlap: all a device scored
+        use = present & rows[:, None]  # [S, D]
+        filled = torch.where(use, nll, torch.zeros_like(nll))
+        quality = filled.sum(0) / use.sum(0).clamp_min(1)  # [D] mean seq_nll
+        logits = (-(quality - quality.min()) / tau).expand_as(nll)
+    logits = torch.where(present, logits, torch.full_like(nll, -math.inf))
+    weights = torch.softmax(logits, dim=1)
+    return torch.nan_to_num(weights, nan=0.0)  # a sequence nobody scored has weight 0

@@ -1,0 +1,151 @@
+"""Phase II (design section 5): distill one cluster's teachers into one dense student.
+
+    L = L_CE + α·L_FM + β·L_KL
+
+L_CE on the public tokens; L_KL the top-k + tail KL of every (sequence, device) row, weighted by the
+teacher weights of `data.cluster_batches` and averaged over the row's tokens and the batch's sequences;
+L_FM the VAA's MSE against the standardized pooled features of the rows that carry them. α defaults to
+0: CALIBRATION lesson 3 found the feature term hurting until shown otherwise in an α = 0 ablation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from deepfusion.cloud.data import Batch
+from deepfusion.cloud.losses import feature_mse, next_token_ce, topk_tail_kl
+from deepfusion.cloud.vaa import VAAConfig, ViewAlignedAttention, stage_indices
+
+__all__ = ["StudentSpec", "StudentTrainer", "family_of"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    steps: int = 300
+    """Optimizer steps (epochs over the cluster's sequences repeat as needed)."""
+    batch_size: int = 8
+    """Sequences per step."""
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    alpha: float = 0.0
+    """Weight of the feature loss (VAA); 0 disables VAA."""
+    beta: float = 1.0
+    """Weight of the top-k + tail KL."""
+    temperature: float = 1.0
+    tau: float | None = 0.2
+    """Teacher-quality temperature; None gives equal teacher weights."""
+    vaa: VAAConfig = field(default_factory=VAAConfig)
+    """VAA shape; its stages/patches are replaced by the round's J and P."""
+
+
+def family_of(width: int) -> str:
+    """The VAA output head of a teacher: teachers are grouped by their feature width."""
+    return f"w{width}"
+
+
+class StudentTrainer:
+    """One student, its optional VAA and their optimizer."""
+
+    def __init__(
+        self, student: nn.Module, spec: StudentSpec, *, stages: int, patches: int, widths: Iterable[int]
+    ) -> None:
+        self.student, self.spec = student, spec
+        self.vaa: ViewAlignedAttention | None = None
+        self.stage_ids: tuple[int, ...] = ()
+        widths = sorted(set(widths))
+        if spec.alpha > 0 and stages > 0 and widths:
+            J = min(stages, student.config.num_hidden_layers)
+            vaa_config = VAAConfig(**{**spec.vaa.__dict__, "stages": J, "patches": patches})
+            teacher_widths = {family_of(w): w for w in widths}
+            self.vaa = ViewAlignedAttention(vaa_config, student.config.hidden_size, teacher_widths)
+            self.stage_ids = stage_indices(student.config.num_hidden_layers, J)
+        params = list(student.parameters()) + (list(self.vaa.parameters()) if self.vaa else [])
+        self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        out = self.student(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            output_hidden_states=self.vaa is not None,
+        )
+        logits = out.logits  # [B, L, V]
+        ce = next_token_ce(logits, batch.input_ids, batch.attention_mask)
+        kl = self._kl(logits, batch)
+        fm = self._fm(out.hidden_states, batch) if self.vaa is not None else logits.new_zeros(())
+        total = ce + self.spec.beta * kl + self.spec.alpha * fm
+        return {"loss": total, "ce": ce, "kl": kl, "fm": fm}
+
+    def _kl(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        if not batch.rows or self.spec.beta == 0:
+            return logits.new_zeros(())
+        k = max(r.topk_ids.size(1) for r in batch.rows)
+        pieces, ids, lps, weights = [], [], [], []
+        for r in batch.rows:
+            n, kr = r.topk_ids.shape
+            pieces.append(logits[r.seq, :n])  # [n, V]
+            ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
+            lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
+            weights.append(torch.full((n,), r.weight / n))
+        per_token = topk_tail_kl(
+            torch.cat(pieces), torch.cat(ids), torch.cat(lps), temperature=self.spec.temperature
+        )  # [N]
+        sequences = batch.input_ids.size(0)
+        return (per_token * torch.cat(weights)).sum() / sequences
+
+    def _fm(self, hidden_states: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        assert self.vaa is not None
+        rows = [r for r in batch.rows if r.features is not None]
+        if not rows:
+            return hidden_states[0].new_zeros(())
+        states = [hidden_states[i] for i in self.stage_ids]  # J × [B, L, H]
+        preds, targets, weights = [], [], []
+        for width in sorted({r.width for r in rows}):
+            pred = self.vaa(states, batch.lengths, family_of(width))  # [B, J, P, W]
+            for r in (r for r in rows if r.width == width):
+                stages = [s for s in r.feature_stages if s < pred.size(1)]
+                preds.append(pred[r.seq, stages])  # [Js, P, W]
+                targets.append(r.features[: len(stages)])
+                weights.append(r.weight)
+        loss = sum(w * feature_mse(p[None], t[None]) for p, t, w in zip(preds, targets, weights, strict=True))
+        return loss / batch.input_ids.size(0)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        self.student.train()
+        losses = self.losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.optimizer.step()
+        return {name: float(value.detach()) for name, value in losses.items()}
+
+    def fit(
+        self,
+        epoch: Callable[[int], Iterable[Batch]],
+        *,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """`spec.steps` steps over `epoch(e)` (a fresh batch iterator per epoch, e = 0, 1, ...)."""
+        history: list[dict[str, float]] = []
+        e = 0
+        while len(history) < self.spec.steps:
+            produced = False
+            for batch in epoch(e):
+                produced = True
+                history.append(self.step(batch))
+                if on_step is not None:
+                    on_step(len(history), history[-1])
+                if len(history) >= self.spec.steps:
+                    break
+            if not produced:
+                raise ValueError("the cluster has no sequences to train on")
+            e += 1
+        self.student.eval()
+        return history

@@ -1,0 +1,137 @@
+"""The phase II losses against brute-force full-vocabulary computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from deepfusion.cloud.losses import feature_mse, next_token_ce, teacher_weights, topk_tail_kl  # noqa: E402
+from deepfusion.shared.packets import apply_top_p, sentinel_for  # noqa: E402
+
+torch.set_num_threads(1)
+V = 50
+
+
+def _exact_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float) -> torch.Tensor:
+    p = torch.log_softmax(teacher_logits / t, -1)
+    q = torch.log_softmax(student_logits / t, -1)
+    return (p.exp() * (p - q)).sum(-1) * t**2
+
+
+def _topk(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lp = torch.log_softmax(teacher_logits, -1)
+    values, ids = lp.topk(k, dim=-1)
+    return ids, values
+
+
+def _brute_bucket_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The k + 1 bucket KL at T = 1 by explicit loops over the vocabulary."""
+    p = torch.softmax(teacher_logits.double(), -1)
+    q = torch.softmax(student_logits.double(), -1)
+    out = []
+    for row in range(p.size(0)):
+        top = set(p[row].topk(k).indices.tolist())
+        kl = sum(p[row, i] * math.log(p[row, i] / q[row, i]) for i in top)
+        pt = 1.0 - sum(p[row, i] for i in top)
+        qt = 1.0 - sum(q[row, i] for i in top)
+        if pt > 0:
+            kl += pt * math.log(pt / qt)
+        out.append(float(kl))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+def test_topk_at_full_vocabulary_is_the_exact_kl(temperature: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, V, generator=g) * 2, torch.randn(6, V, generator=g) * 2
+    ids, lp = _topk(teacher, V)
+    got = topk_tail_kl(student, ids, lp, temperature=temperature)
+    torch.testing.assert_close(got, _exact_kl(teacher, student, temperature), atol=1e-5, rtol=1e-5)
+
+
+def test_topk_with_tail_matches_brute_force_buckets() -> None:
+    g = torch.Generator().manual_seed(1)
+    teacher, student = torch.randn(5, V, generator=g) * 3, torch.randn(5, V, generator=g)
+    for k in (1, 4, 17):
+        ids, lp = _topk(teacher, k)
+        got = topk_tail_kl(student, ids, lp)
+        torch.testing.assert_close(got.double(), _brute_bucket_kl(teacher, student, k), atol=1e-5, rtol=1e-5)
+        assert torch.all(got <= _exact_kl(teacher, student, 1.0) + 1e-5)  # bucketing never adds KL
+
+
+def test_identical_student_has_zero_kl_and_gradient_points_to_teacher() -> None:
+    g = torch.Generator().manual_seed(2)
+    teacher = torch.randn(4, V, generator=g)
+    ids, lp = _topk(teacher, 8)
+    assert topk_tail_kl(teacher.clone(), ids, lp).abs().max() < 1e-5
+    student = torch.zeros(4, V, requires_grad=True)
+    topk_tail_kl(student, ids, lp).sum().backward()
+    assert torch.isfinite(student.grad).all()
+    # Gradient descent raises the logits of the teacher's top id.
+    top = ids[:, 0]
+    assert torch.all(student.grad.gather(1, top[:, None]) < 0)
+
+
+def test_sentinel_padding_is_ignored() -> None:
+    """A top-p row padded with SENTINEL / -inf gives the loss of the shorter row, and finite gradients."""
+    g = torch.Generator().manual_seed(3)
+    teacher, student = torch.randn(8, V, generator=g) * 3, torch.randn(8, V, generator=g)
+    ids, lp = _topk(teacher, 12)
+    np_ids = ids.numpy().astype(np.uint16)
+    p_ids, p_lp = apply_top_p(np_ids, lp.numpy().astype(np.float16), 0.6)
+    sentinel = sentinel_for(np.dtype(np.uint16))
+    assert (p_ids == sentinel).any()
+    padded_ids = torch.from_numpy(p_ids.astype(np.int64))
+    padded_lp = torch.from_numpy(p_lp.astype(np.float32))
+    leaf = student.clone().requires_grad_(True)
+    got = topk_tail_kl(leaf, padded_ids, padded_lp)
+    got.sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    for row in range(8):
+        n = int((p_ids[row] != sentinel).sum())
+        want = topk_tail_kl(
+            student[row : row + 1], padded_ids[row : row + 1, :n], padded_lp[row : row + 1, :n]
+        )
+        torch.testing.assert_close(got[row : row + 1], want)
+
+
+def test_next_token_ce_matches_manual_and_respects_mask() -> None:
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, V, generator=g)
+    ids = torch.randint(0, V, (2, 5), generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    lp = torch.log_softmax(logits, -1)
+    terms = [-lp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4) if mask[b, t] and mask[b, t + 1]]
+    torch.testing.assert_close(next_token_ce(logits, ids, mask), torch.stack(terms).mean())
+
+
+def test_feature_mse_weighting() -> None:
+    pred = torch.zeros(2, 3, 4)
+    target = torch.stack([torch.ones(3, 4), 3 * torch.ones(3, 4)])
+    assert feature_mse(pred, target).item() == pytest.approx(5.0)
+    assert feature_mse(pred, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(1.0)
+
+
+def test_teacher_weights_quality_and_equal() -> None:
+    nan = float("nan")
+    nll = torch.tensor(
+        [
+            [4.0, 4.5, 5.0],
+            [4.0, 4.4, 5.2],
+            [3.9, nan, 5.0],  # device 1 did not score this one
+        ]
+    )
+    equal = teacher_weights(nll, tau=None)
+    torch.testing.assert_close(equal[0], torch.full((3,), 1 / 3))
+    torch.testing.assert_close(equal[2], torch.tensor([0.5, 0.0, 0.5]))
+    w = teacher_weights(nll, tau=0.2)
+    torch.testing.assert_close(w.sum(1), torch.ones(3))
+    assert w[2, 1] == 0
+    # Quality from the two shared sequences: Δnll = 0, 0.45, 1.1 -> exp(-Δ/0.2).
+    raw = torch.exp(-torch.tensor([0.0, 0.45, 1.1]) / 0.2)
+    torch.testing.assert_close(w[0], raw / raw.sum())
+    assert w[0, 0] > w[0, 1] > w[0, 2]

@@ -1,0 +1,82 @@
+"""Phase III merge: exactness of the fine-grained split, averaging, and a loadable stock checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM  # noqa: E402
+
+from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe, routed_scale  # noqa: E402
+from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
+
+torch.set_num_threads(1)
+VOCAB = 256
+
+
+def _student(seed: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = get_preset("student-tiny").config(VOCAB, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_one_student_split_into_g_experts_reproduces_its_logits(split: int) -> None:
+    """top_k = G, norm_topk_prob False, uniform router: weights 1/G, each part scaled by G."""
+    student = _student(0)
+    spec = MergeSpec(split=split, top_k=split, norm_topk_prob=False, shared_expert=False, router_init_std=0.0)
+    moe = merge_students_into_moe([student], spec)
+    assert moe.config.num_experts == split and routed_scale(moe.config, spec) == split
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_of_two_students_routes_and_averages_the_trunk() -> None:
+    a, b = _student(0), _student(1)
+    moe = merge_students_into_moe([a, b], MergeSpec(split=2))
+    assert moe.config.num_experts == 4 and moe.config.num_experts_per_tok == 2
+    layer = moe.model.layers[1]
+    want = (a.model.layers[1].self_attn.q_proj.weight + b.model.layers[1].self_attn.q_proj.weight) / 2
+    torch.testing.assert_close(layer.self_attn.q_proj.weight, want)
+    # Expert 2 = student b's first half of gate rows.
+    torch.testing.assert_close(
+        layer.mlp.experts[2].gate_proj.weight, b.model.layers[1].mlp.gate_proj.weight[:256]
+    )
+    mean_up = (a.model.layers[1].mlp.up_proj.weight + b.model.layers[1].mlp.up_proj.weight) / 2
+    torch.testing.assert_close(layer.mlp.shared_expert.up_proj.weight, mean_up)
+    assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()  # still tied
+    out = moe(torch.randint(0, VOCAB, (2, 9)), output_router_logits=True)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss)
+
+
+def test_two_identical_students_with_shared_expert_reproduce_the_student() -> None:
+    """(1 - λ)·FFN + λ·mean FFN = FFN when both students are the same model."""
+    student = _student(2)
+    spec = MergeSpec(split=2, top_k=2, norm_topk_prob=True, shared_expert=True, router_init_std=0.0)
+    moe = merge_students_into_moe([student, student], spec)
+    ids = torch.randint(0, VOCAB, (1, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_split_is_refused() -> None:
+    with pytest.raises(ValueError, match="must divide"):
+        merge_students_into_moe([_student(0)], MergeSpec(split=3))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_release_loads_with_plain_transformers_and_generates(tmp_path: Path, shared: bool) -> None:
+    moe = merge_students_into_moe([_student(0), _student(1)], MergeSpec(split=2, shared_expert=shared))
+    moe.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, Qwen2MoeForCausalLM)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, moe(ids).logits)
+    out = loaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)

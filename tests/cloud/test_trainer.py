@@ -1,0 +1,204 @@
+"""A tiny real round end to end: two tiny device models score public text through the edge scorer, the
+packets land in a local store, and the trainer distills, merges, tunes and writes a loadable release."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from deepfusion.cloud.cli import app  # noqa: E402
+from deepfusion.cloud.cluster import ClusterReport  # noqa: E402
+from deepfusion.cloud.coordinator import release_key  # noqa: E402
+from deepfusion.cloud.data import cluster_batches, index_round, read_clusters  # noqa: E402
+from deepfusion.cloud.evaluate import evaluate_windows, token_windows  # noqa: E402
+from deepfusion.cloud.merge import MergeSpec  # noqa: E402
+from deepfusion.cloud.students import StudentSpec  # noqa: E402
+from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
+from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
+from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
+from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
+from deepfusion.shared.corpora import SplitManifest, read_jsonl  # noqa: E402
+from deepfusion.shared.messages import ReleaseNote  # noqa: E402
+from deepfusion.shared.store import open_store  # noqa: E402
+
+FED, ROUND, SHARD = "fed", 0, "pub-0000"
+DEVICES = {"dev-llama": "tiny-llama", "dev-gpt2": "tiny-gpt2"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def texts(default_split: tuple[Path, SplitManifest]) -> dict[str, list[str]]:
+    split_dir, split = default_split
+    public = [
+        d.text[:400]
+        for name in ("medical", "general")
+        for d in _take(split_dir / split.public[name].file, 24)
+    ]
+    heldout = [d.text[:400] for d in _take(split_dir / split.test["medical"].file, 12)]
+    return {"public": public, "heldout": heldout}
+
+
+def _take(path: Path, n: int) -> list:
+    out = []
+    for doc in read_jsonl(path):
+        out.append(doc)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]]) -> Path:
+    tokenizer = train_byte_level_bpe(texts["public"], vocab_size=384)
+    tokenizer.add_special_tokens({"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT})
+    target = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def round_store(
+    tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]], tokenizer_dir: Path
+) -> str:
+    """A local store holding one closed round: 2 device models' packets and 2 clusters."""
+    from deepfusion.edge.backends import load_backend
+    from deepfusion.edge.scoring import ScoreSettings, score_texts
+
+    root = tmp_path_factory.mktemp("round")
+    store = open_store(str(root / "store"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for i, (device, preset) in enumerate(DEVICES.items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(get_preset(preset).config(len(tokenizer)))
+        model_dir = root / device
+        model.save_pretrained(model_dir)
+        settings = ScoreSettings(
+            federation=FED,
+            round=ROUND,
+            device=device,
+            shard=SHARD,
+            top_k=8,
+            stages=2,
+            patches=2,
+            max_tokens=96,
+        )
+        out = root / f"packets-{device}"
+        with load_backend("torch", model_dir, threads=1) as backend:
+            score_texts(backend, tokenizer.backend_tokenizer, texts["public"], out, settings)
+        for packet in sorted(out.glob("*.dfk")):
+            data = packet.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{sha}.dfk", data)
+    clusters = ClusterReport(
+        k=2,
+        assignment={"dev-llama": 0, "dev-gpt2": 1},
+        members={0: ["dev-llama"], 1: ["dev-gpt2"]},
+        sizes={0: 1, 1: 1},
+        silhouette=None,
+        centroids=[[1.0, 0.0], [0.0, 1.0]],
+    )
+    store.put(f"{FED}/rounds/{ROUND}/clusters.json", clusters.model_dump_json().encode())
+    return str(root / "store")
+
+
+def _base(vocab: int) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(
+        get_preset("student-tiny").config(vocab, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    ).eval()
+
+
+def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str) -> None:
+    store = open_store(round_store)
+    both = ClusterReport(
+        k=1,
+        assignment={d: 0 for d in DEVICES},
+        members={0: sorted(DEVICES)},
+        sizes={0: 2},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
+    index = index_round(store, FED, ROUND, both)
+    assert index.stages == 2 and index.patches == 2 and index.feature_widths == {128, 192}
+    batches = list(cluster_batches(store, index, 0, batch_size=5, seed=1))
+    assert sum(b.input_ids.size(0) for b in batches) == len(index.cluster_keys(0))
+    batch = batches[0]
+    assert len(batch.rows) == 2 * batch.input_ids.size(0)  # both devices scored every sequence
+    for seq in range(batch.input_ids.size(0)):
+        rows = [r for r in batch.rows if r.seq == seq]
+        assert sum(r.weight for r in rows) == pytest.approx(1.0)
+        assert all(r.topk_ids.size(0) == int(batch.lengths[seq]) for r in rows)
+        assert all(r.features is not None and r.features.shape[-1] == r.width for r in rows)
+    # The device with the lower mean seq_nll gets the larger weight.
+    nll = {
+        d: np.mean([v for k in index.sequences for _, dev, v in index.sequences[k] if dev == d])
+        for d in DEVICES
+    }
+    better = min(nll, key=nll.get)
+    assert next(r.weight for r in batch.rows if r.device == better) > 0.5
+
+
+def test_a_tiny_round_trains_and_releases_a_loadable_moe(
+    round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path
+) -> None:
+    store = open_store(round_store)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    heldout = token_windows(tokenizer, texts["heldout"], max_tokens=96)
+    spec = TrainSpec(
+        student=StudentSpec(steps=20, batch_size=4, lr=3e-3, alpha=0.1, vaa=VAAConfig(width=32)),
+        merge=MergeSpec(split=2),
+        tune_steps=4,
+        tune_batch_size=4,
+    )
+    note, report = train_round(store, FED, ROUND, _base(len(tokenizer)), tokenizer, spec, heldout=heldout)
+
+    for cluster, student in report["students"].items():
+        assert student["after"]["nll"] < student["before"]["nll"] - 0.3, (cluster, student)
+        assert all(np.isfinite(list(step.values())).all() for step in student["history"])
+        assert student["history"][-1]["fm"] > 0 and student["history"][-1]["kl"] > 0
+    assert np.isfinite(report["tune"]).all()
+
+    written = ReleaseNote.model_validate_json(store.get(release_key(FED, "r0")))
+    assert written.version == note.version == "r0" and written.architecture == "Qwen2MoeForCausalLM"
+    assert "heldout_nll" in written.metrics
+    assert store.get(f"{FED}/rounds/{ROUND}/students/0/config.json")
+
+    release = Path(round_store) / FED / "releases" / "r0" / "model"
+    moe = AutoModelForCausalLM.from_pretrained(release)
+    assert moe.config.num_experts == 4
+    assert evaluate_windows(moe, heldout)["nll"] == pytest.approx(written.metrics["heldout_nll"], abs=1e-4)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(release)
+    prompt = loaded_tokenizer("The patients", return_tensors="pt")
+    out = moe.generate(
+        **prompt, max_new_tokens=6, do_sample=False, pad_token_id=loaded_tokenizer.pad_token_id
+    )
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 6
+
+
+def test_train_command_writes_the_release(round_store: str, tokenizer_dir: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _base(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    args = ["train", "--round", "0", "--base", str(base), "--tokenizer", str(tokenizer_dir)]
+    args += ["--set", f'federation="{FED}"', "--set", f'store.uri="{round_store}"']
+    args += ["--steps", "2", "--tune-steps", "1", "--tau", "0", "--version", "cli-1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    note = json.loads(open_store(round_store).get(release_key(FED, "cli-1")))
+    assert note["round"] == 0 and note["uri"].endswith("/releases/cli-1/model")
+    assert read_clusters(open_store(round_store), FED, 0).k == 2
