@@ -48,5 +48,10 @@ def test_simulate_runs_a_round_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     stored = sorted(store.glob("demo/rounds/0/knowledge/*/*.dfk"))
     assert {p.parent.name for p in stored} == {"dev-00", "dev-01", "dev-02"}
-    assert "3 packets stored" in result.stdout
-    assert "corrupt_compression" in result.stderr  # the deliberately truncated packet was refused
+    assert "3 acknowledged packets are in the store" in result.stdout
+    # the deliberately truncated packet was refused, and the device was told why
+    assert "dev-00: 1 packet(s) refused by ingest: corrupt_compression" in result.stdout
+
+    again = run("deepfusion-cloud", "simulate", "--devices", "3", "--store", str(store), timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sorted(store.glob("demo/rounds/0/knowledge/*/*.dfk")) == stored  # resent packets dedupe

@@ -28,7 +28,7 @@ import zstandard
 from rich.console import Console
 from rich.table import Table
 
-from deepfusion.cloud.ingest import store_packet
+from deepfusion.cloud.ingest import knowledge_key, store_packet
 from deepfusion.shared.broker import EmbeddedBroker
 from deepfusion.shared.config import MqttConfig
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
@@ -85,7 +85,7 @@ class DeviceReport:
     packets: int = 0
     bytes: int = 0
     tokens: int = 0
-    acked: int = 0
+    accepted: list[str] = field(default_factory=list)  # object-store keys the cloud acknowledged
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
@@ -212,8 +212,8 @@ def _run_device(
             ack = acks.get(digest)
             if ack is None:
                 continue
-            if ack.accepted:
-                report.acked += 1
+            if ack.accepted and ack.round is not None:
+                report.accepted.append(knowledge_key(federation, ack.round, device, digest))
                 report.duplicates += ack.duplicate
             else:
                 report.rejected[ack.reason.value if ack.reason else "?"] += 1
@@ -297,27 +297,21 @@ def simulate(
                 thread.join(timeout=120)
             elapsed = time.perf_counter() - started
         table = Table(title=f"Round 0 of federation '{federation}' ({elapsed:.1f} s)")
-        for column in ("device", "domain", "sent", "accepted", "duplicates", "rejected", "bytes", "B/token"):
-            table.add_column(
-                column, justify="left" if column in ("device", "domain", "rejected") else "right"
-            )
+        for column in ("device", "domain", "sent", "acked", "dup", "refused", "bytes", "B/tok"):
+            table.add_column(column, justify="left" if column in ("device", "domain") else "right")
         for r in reports:
-            rejected = ", ".join(f"{n} {reason}" for reason, n in r.rejected.items()) or "-"
             per_token = f"{r.bytes / r.tokens:.1f}" if r.tokens else "-"
-            table.add_row(
-                r.device,
-                r.domain,
-                str(r.packets),
-                str(r.acked),
-                str(r.duplicates),
-                rejected,
-                str(r.bytes),
-                per_token,
-            )
+            row = (r.packets, len(r.accepted), r.duplicates, sum(r.rejected.values()), r.bytes)
+            table.add_row(r.device, r.domain, *map(str, row), per_token)
         console.print(table)
-        stored = list(object_store.list(f"{federation}/rounds/0/knowledge/"))
-        console.print(f"{len(stored)} packets stored under {store}/{federation}/rounds/0/knowledge/")
-        if sum(r.acked for r in reports) != len(stored):
+        for r in reports:
+            for reason, count in r.rejected.items():
+                console.print(f"{r.device}: {count} packet(s) refused by ingest: {reason}")
+        accepted = [key for r in reports for key in r.accepted]
+        missing = [key for key in accepted if not object_store.exists(key)]
+        console.print(f"{len(accepted) - len(missing)} acknowledged packets are in the store under {store}")
+        if missing or any(not r.accepted for r in reports):
+            console.print(f"[red]lost[/]: {missing or 'a device had no packet acknowledged'}")
             raise typer.Exit(code=1)
     finally:
         if embedded is not None:
