@@ -41,7 +41,7 @@ import typer
 from deepfusion.edge import __version__
 from deepfusion.edge.agent_config import DeviceConfig, load_device_config
 from deepfusion.edge.fetch import FetchError, fetch_shard
-from deepfusion.edge.scoring import Window, read_texts, to_knowledge, windows
+from deepfusion.edge.scoring import Window, batched, read_texts, to_knowledge, windows
 from deepfusion.edge.spool import Spool, SpoolFull
 from deepfusion.shared.config import ConfigError
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
@@ -90,17 +90,6 @@ class RateLimiter:
 
 class _Cancelled(Exception):
     """The round being scored is no longer current."""
-
-
-def _chunks(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
-    chunk: list[Window] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _parameters_estimate(layers: int, hidden: int, vocab: int) -> int:
@@ -477,7 +466,7 @@ class Agent:
                 last = int(decode(data).sequence_ids.max())
                 self._spool(data, spec.round, (key, last + 1), stop, generation)
 
-        for chunk in _chunks(first_windows(), self.config.model.batch_size):
+        for chunk in batched(first_windows(), self.config.model.batch_size):
             self._current(generation)
             scores = self.backend.score(
                 [w.token_ids for w in chunk], top_k=spec.top_k, stages=spec.stages, patches=spec.patches

@@ -157,7 +157,8 @@ def to_knowledge(
     )
 
 
-def _chunks(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
+def batched(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
+    """Consecutive lists of `size` windows (the last may be shorter)."""
     chunk: list[Window] = []
     for item in items:
         chunk.append(item)
@@ -216,7 +217,7 @@ def score_texts(
             counts["bytes"] += len(data)
 
     with (output_dir / "sequences.jsonl").open("w", encoding="utf-8") as index:
-        for chunk in _chunks(windows(tokenizer, texts, settings.max_tokens), settings.batch_size):
+        for chunk in batched(windows(tokenizer, texts, settings.max_tokens), settings.batch_size):
             scores = backend.score(
                 [w.token_ids for w in chunk], top_k=settings.top_k, stages=stages, patches=settings.patches
             )

@@ -39,6 +39,7 @@ __all__ = [
     "SequenceScore",
     "available_backends",
     "load_backend",
+    "pad_batch",
 ]
 
 # name -> (module, the import that must succeed)
@@ -134,6 +135,17 @@ class Backend(ABC):
                 )
             checked.append(ids)
         return checked
+
+
+def pad_batch(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded `input_ids` and `attention_mask`, both [B, T] int64, T the longest sequence."""
+    width = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), width), dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for b, s in enumerate(sequences):
+        ids[b, : len(s)] = s
+        mask[b, : len(s)] = 1
+    return ids, mask
 
 
 def micro_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

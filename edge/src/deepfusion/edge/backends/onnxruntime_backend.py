@@ -13,7 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from deepfusion.edge.backends import Backend, Capabilities, ModelShape, SequenceScore, micro_batches
+from deepfusion.edge.backends import (
+    Backend,
+    Capabilities,
+    ModelShape,
+    SequenceScore,
+    micro_batches,
+    pad_batch,
+)
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import read_export_manifest
@@ -66,12 +73,8 @@ class OnnxBackend(Backend):
         self._forward_session: Any = None
 
     def _feeds(self, sequences: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-        width = max(len(s) for s in sequences)
-        ids = np.zeros((len(sequences), width), dtype=np.int64)
-        mask = np.zeros((len(sequences), width), dtype=np.int64)
-        for b, s in enumerate(sequences):
-            ids[b, : len(s)] = s
-            mask[b, : len(s)] = 1
+        ids, mask = pad_batch(sequences)
+        width = ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in self._inputs:
             feeds["position_ids"] = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape).copy()

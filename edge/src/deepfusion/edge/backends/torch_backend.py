@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfusion.edge.backends import Backend, Capabilities, SequenceScore, micro_batches
+from deepfusion.edge.backends import Backend, Capabilities, SequenceScore, micro_batches, pad_batch
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import shape_from_hf_config
@@ -67,13 +67,8 @@ class TorchBackend(Backend):
 
     def _pad(self, sequences: Sequence[np.ndarray]) -> tuple[Any, Any, int]:
         torch = self.torch
-        width = max(len(s) for s in sequences)
-        ids = np.zeros((len(sequences), width), dtype=np.int64)
-        mask = np.zeros((len(sequences), width), dtype=np.int64)
-        for b, s in enumerate(sequences):
-            ids[b, : len(s)] = s
-            mask[b, : len(s)] = 1
-        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device), width
+        ids, mask = pad_batch(sequences)
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device), ids.shape[1]
 
     def forward(self, sequences: Sequence[np.ndarray]) -> None:
         sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
