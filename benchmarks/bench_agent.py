@@ -1,6 +1,6 @@
 """Edge agent end to end: a round through `Agent`, MQTT and ingest vs `deepfusion-edge score`, same shard.
 
-    python benchmarks/bench_agent.py --model PATH [--backend torch] [--sequences 64] [--max-tokens 128]
+    python benchmarks/bench_agent.py --model PATH [--backend torch] [--sequences 512] [--max-tokens 128]
 
 - offline: `score_texts` (what `deepfusion-edge score` runs) on the shard's texts, tokens/s;
 - agent: a real mosquitto, a local store, a harness that stores packets with `store_packet` and acks
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="Checkpoint dir, ONNX export dir or .gguf file.")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--input", help="Public text (.jsonl); default: the default split's public set.")
-    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--sequences", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -110,13 +110,25 @@ def onnx_exports(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
     }
 
 
-@pytest.fixture(scope="session")
-def gguf_exports(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> dict[str, Path]:
+def _gguf_export(tmp_path_factory: pytest.TempPathFactory, model: Path, quant: str) -> Path:
     pytest.importorskip("llama_cpp")
     from deepfusion.edge.export.gguf import export_gguf
 
-    root = tmp_path_factory.mktemp("gguf")
+    return export_gguf(model, tmp_path_factory.mktemp(f"gguf-{quant}"), quant=quant)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def gguf_q8_0(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
+    """The q8_0 GGUF export of tiny-llama alone (what a device on llama.cpp would typically run)."""
+    return _gguf_export(tmp_path_factory, tiny_llama, "q8_0")
+
+
+@pytest.fixture(scope="session")
+def gguf_exports(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, gguf_q8_0: Path
+) -> dict[str, Path]:
     return {
-        quant: export_gguf(tiny_llama, root / quant, quant=quant)  # type: ignore[arg-type]
-        for quant in ("f16", "q8_0", "q4_k_m")
+        "f16": _gguf_export(tmp_path_factory, tiny_llama, "f16"),
+        "q8_0": gguf_q8_0,
+        "q4_k_m": _gguf_export(tmp_path_factory, tiny_llama, "q4_k_m"),
     }

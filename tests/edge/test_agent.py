@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deepfusion.cloud.ingest import IngestContext, store_packet
@@ -26,6 +27,7 @@ from deepfusion.edge.agent import RateLimiter
 from deepfusion.edge.agent_config import load_device_config
 from deepfusion.edge.fetch import FetchError, fetch_shard
 from deepfusion.shared.broker import EmbeddedBroker
+from deepfusion.shared.config import StoreConfig
 from deepfusion.shared.messages import (
     DeviceCard,
     DeviceState,
@@ -47,6 +49,7 @@ from deepfusion.shared.topics import (
     status_topic,
 )
 from tests.fixtures.broker import Inbox
+from tests.fixtures.s3server import S3Server
 
 FED = "fed"
 DEVICE = "dev-1"
@@ -196,10 +199,10 @@ class AgentProcess:
             raise AssertionError(f"agent ignored SIGTERM:\n{self.text()[-3000:]}") from None
 
 
-def write_config(path: Path, broker: EmbeddedBroker, model: Path, **sections: dict[str, object]) -> Path:
+def write_config(path: Path, broker: EmbeddedBroker, checkpoint: Path, **sections: dict[str, object]) -> Path:
     tables: dict[str, dict[str, object]] = {
         "device": {"id": DEVICE, "federation": FED, "state_dir": str(path.parent / "state")},
-        "model": {"path": str(model), "threads": 1, "batch_size": 4, "stages": 2},
+        "model": {"path": str(checkpoint), "threads": 1, "batch_size": 4, "stages": 2},
         "data": {"embedding": EMBEDDING},
         "spool": {"dir": str(path.parent / "spool"), "resend_s": 1.0},
         "uplink": {"status_interval_s": 0.2},
@@ -251,6 +254,39 @@ def test_fetch_checks_the_checksum(tmp_path: Path, shard_texts: list[str]) -> No
     bad = ref.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(FetchError, match="sha256"):
         fetch_shard(bad, tmp_path / "other")
+
+
+@pytest.mark.s3
+def test_fetch_from_a_presigned_s3_url(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shard_texts: list[str]
+) -> None:
+    """A shard in a real S3 store (SigV4), fetched by URL alone as a device does, checksum verified."""
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    uri = f"s3://{s3_server.bucket}/fetch-{os.urandom(6).hex()}"
+    store = open_store(StoreConfig(uri=uri, endpoint_url=s3_server.endpoint_url))
+    ref = publish_shard(store, FED, SHARD, shard_texts)
+    assert ref.url.startswith(s3_server.endpoint_url + "/") and "X-Amz-Signature=" in ref.url
+    unsigned = ref.url.split("?", 1)[0]
+    with pytest.raises(FetchError, match="HTTP 403"):  # the signature is what grants access
+        fetch_shard(ref.model_copy(update={"url": unsigned}), tmp_path / "unsigned")
+
+    cache = tmp_path / "cache"
+    assert fetch_shard(ref, cache) == shard_texts
+    assert [p.name for p in cache.iterdir()] == [f"{ref.sha256}.jsonl.zst"]  # checked bytes, cached
+
+    bad = ref.model_copy(update={"sha256": "0" * 64})
+    with pytest.raises(FetchError, match=r"sha256 [0-9a-f]{12}\.\.\. is not the RoundSpec's 000000000000"):
+        fetch_shard(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing unverified is cached
+
+    publish_shard(store, FED, SHARD, shard_texts[::-1])  # the object changed behind the same URL
+    with pytest.raises(FetchError, match="damaged download or a changed object"):
+        fetch_shard(ref, tmp_path / "changed")
 
 
 def test_rate_limiter_holds_the_rate() -> None:
@@ -338,6 +374,42 @@ def test_round_matches_offline_score_byte_for_byte(
     assert cloud.payloads() == {p.read_bytes() for p in offline.glob("*.dfk")}
 
     assert agent.stop() == 0  # SIGTERM: clean exit, spool empty, status offline
+    assert "agent stopped device=dev-1 unacked=0" in agent.text()
+
+
+@pytest.mark.slow
+def test_the_same_round_on_llama_cpp(
+    broker: EmbeddedBroker,
+    cloud: Cloud,
+    gguf_q8_0: Path,
+    fingerprint: str,
+    shard_texts: list[str],
+    tmp_path: Path,
+    agents,
+) -> None:
+    """The round of the torch test, run by llama.cpp on a GGUF export of the same model."""
+    texts = shard_texts[:12]
+    spec = cloud.open_round(texts, fingerprint, packet_budget=8 * 1024)  # a few packets
+    config = write_config(tmp_path / "device.toml", broker, gguf_q8_0, model={"backend": "llama_cpp"})
+    agent = AgentProcess(config, tmp_path / "a.log").start()
+    agents.append(agent)
+    ids = cloud.wait_complete(len(texts), timeout=120)
+    assert ids == list(range(len(texts))), f"missing or duplicated sequences: {ids}"
+    assert not cloud.rejected
+    assert "backend=llama_cpp" in agent.text()
+
+    packets = [decode(p) for p in cloud.payloads()]
+    assert len(packets) > 1
+    for packet in packets:
+        header = packet.header
+        # llama.cpp sees the last hidden state only: of J = 2 stages it declares the last one.
+        assert header.stages == spec.stages and header.feature_stages == (spec.stages - 1,)
+        assert header.feature_width > 0 and header.top_k == spec.top_k
+        assert packet.features is not None
+        assert packet.features.shape == (len(packet.sequence_ids), 1, spec.patches, header.feature_width)
+        assert np.isfinite(packet.features.astype(np.float32)).all()
+        assert np.isfinite(packet.seq_nll).all() and (packet.seq_nll > 0).all()
+    assert agent.stop() == 0
     assert "agent stopped device=dev-1 unacked=0" in agent.text()
 
 

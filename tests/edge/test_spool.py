@@ -126,3 +126,22 @@ def test_concurrent_add_and_ack(tmp_path: Path) -> None:
     thread.join(10)
     assert not thread.is_alive() and spool.wait_empty(1)
     assert not list((tmp_path / "packets").iterdir()) and Spool(tmp_path, 1_000_000).pending() == []
+
+
+def test_lazy_acks_reach_the_disk_with_the_next_index_write(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000)
+    digests = [spool.add(_packet(i), round=1) for i in range(3)]
+    assert spool.ack(digests[0], flush=False) and spool.reject(digests[1], "round_closed", flush=False)
+    assert [e.digest for e in spool.pending()] == digests[2:] and spool.used_bytes == 100
+    with pytest.raises(KeyError):
+        spool.read(digests[0])
+    # A crash now: the acked packets are still on disk and indexed, so they are published again.
+    assert [e.digest for e in Spool(tmp_path, 10_000).pending()] == digests
+    spool = Spool(tmp_path, max_bytes=10_000)
+    spool.ack(digests[0], flush=False)
+    assert (tmp_path / "packets" / f"{digests[0]}.dfk").exists()  # kept until the index drops it
+    spool.add(_packet(7), round=1)  # any index write carries the lazy acks
+    assert not (tmp_path / "packets" / f"{digests[0]}.dfk").exists()
+    spool.ack(digests[1], flush=False)
+    assert spool.flush() and not spool.flush()
+    assert len(Spool(tmp_path, 10_000).pending()) == 2

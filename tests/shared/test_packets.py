@@ -321,13 +321,19 @@ def test_builder_fills_packets_to_the_budget_and_loses_nothing():
     sequences = [make_sequence(rng, header, i, int(rng.integers(10, 100))) for i in range(400)]
     budget = DEFAULT_BUDGET  # about 25 of these sequences per packet
     builder = PacketBuilder(header)
-    packets = [p for s in sequences for p in builder.add(s)] + builder.flush()
+    packets, last_ids = [], []
+    for s in sequences:
+        packets += builder.add(s)
+        last_ids += builder.last_ids
+    packets += builder.flush()
+    last_ids += builder.last_ids
     assert all(len(p) <= budget for p in packets)
     assert len(packets) > 3
     assert min(len(p) for p in packets[:-1]) > 0.9 * budget  # packets are full, not one per sequence
     decoded = [decode(p) for p in packets]
     ids = [s.sequence_id for packet in decoded for s in packet.sequences()]
     assert ids == list(range(400))  # every sequence exactly once, in order
+    assert last_ids == [int(packet.sequence_ids[-1]) for packet in decoded]  # what a resume cursor needs
     tokens = sum(packet.num_tokens for packet in decoded)
     assert tokens == sum(len(s.token_ids) for s in sequences)
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import logging
 import platform
+import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,12 +58,14 @@ from deepfusion.shared.messages import (
     encode_message,
 )
 from deepfusion.shared.mqtt import Message, MqttClient, MqttError, Will
-from deepfusion.shared.packets import PacketBuilder, PacketHeader, SequenceTooLarge, decode
+from deepfusion.shared.packets import PacketBuilder, PacketHeader, SequenceTooLarge
 from deepfusion.shared.topics import ack_topic, card_topic, knowledge_topic, round_topic, status_topic
 
 __all__ = ["Agent", "RateLimiter", "run"]
 
 log = logging.getLogger(__name__)
+
+ACK_FLUSH_S = 1.0  # how long an Ack may wait to be written to the spool index (a crash resends it)
 
 
 class RateLimiter:
@@ -90,6 +93,43 @@ class RateLimiter:
 
 class _Cancelled(Exception):
     """The round being scored is no longer current."""
+
+
+class _SpoolWriter:
+    """Spools packets in order on a thread of its own, so the spool's fsyncs overlap the next batch.
+
+    At most `depth` packets wait; `put` blocks beyond that. After a failed write the rest is skipped and
+    the error is raised by the next `put` or by `close`, which waits until every queued packet is spooled.
+    """
+
+    def __init__(self, write: Callable[[bytes, tuple[str, int]], None], depth: int = 4) -> None:
+        self._write = write
+        self._queue: queue.Queue[tuple[bytes, tuple[str, int]] | None] = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # handed to the scoring thread
+                    self._error = exc
+
+    def put(self, data: bytes, cursor: tuple[str, int]) -> None:
+        self._check()
+        self._queue.put((data, cursor))  # the writer keeps draining even after an error: no deadlock
+
+    def close(self, *, check: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _parameters_estimate(layers: int, hidden: int, vocab: int) -> int:
@@ -156,6 +196,7 @@ class Agent:
             finally:
                 self._closing.set()
                 uplink.join(timeout=30)
+                self.spool.flush()
                 self._say_offline(client)
                 client.close()
         finally:
@@ -245,11 +286,12 @@ class Agent:
         )
 
     def _publish_status(self, *, force: bool = False, **changes: Any) -> None:
-        message = self._status_message(**changes)
         now = time.monotonic()
         client = self._client
         if client is None or not (force or now - self._status_sent >= self.config.uplink.status_interval_s):
+            self._status.update(changes)  # sent with the next status
             return
+        message = self._status_message(**changes)
         self._status_sent = now
         try:
             client.publish(status_topic(self.federation, self.device), encode_message(message), retain=True)
@@ -283,12 +325,13 @@ class Agent:
         except MessageError as exc:
             log.error("ignored an invalid Ack: %s", exc)
             return
+        # Not on disk at once: the uplink thread writes the spool index for many Acks together.
         if ack.accepted:
-            if self.spool.ack(ack.packet):
+            if self.spool.ack(ack.packet, flush=False):
                 log.debug("packet acked packet=%s duplicate=%s", ack.packet[:12], ack.duplicate)
         else:
             reason = ack.reason.value if ack.reason is not None else "unknown"
-            self.spool.reject(ack.packet, reason, ack.detail)
+            self.spool.reject(ack.packet, reason, ack.detail, flush=False)
 
     # -- uplink thread ---------------------------------------------------------------------------------
 
@@ -299,6 +342,7 @@ class Agent:
         limiter = RateLimiter(self.config.uplink.rate_limit_bytes_s)
         resend_s = self.config.spool.resend_s
         sent: dict[str, tuple[float, Any]] = {}  # digest -> (when, paho's message info)
+        flushed = time.monotonic()
         while not self._closing.is_set():
             if client.connected:
                 for entry in self.spool.pending():
@@ -327,7 +371,11 @@ class Agent:
                 for digest in [d for d in sent if d not in live]:
                     del sent[digest]
             self._publish_status()
+            if time.monotonic() - flushed >= ACK_FLUSH_S:
+                flushed = time.monotonic()
+                self.spool.flush()
             self.spool.wait_for_change(min(0.5, resend_s / 4))
+        self.spool.flush()
 
     # -- rounds ----------------------------------------------------------------------------------------
 
@@ -450,7 +498,6 @@ class Agent:
         stop: threading.Event,
     ) -> int:
         header = self._header(spec, assignment.shard)
-        id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
         builder = PacketBuilder(header, budget=spec.packet_budget)
         key = self._cursor_key(spec, assignment)
 
@@ -461,12 +508,38 @@ class Agent:
                     seen = window.record
                     yield replace(window, sequence_id=begin + window.record)
 
-        def spool(packets: list[bytes]) -> None:
-            for data in packets:
-                last = int(decode(data).sequence_ids.max())
-                self._spool(data, spec.round, (key, last + 1), stop, generation)
+        writer = _SpoolWriter(lambda data, cursor: self._spool(data, spec.round, cursor, stop, generation))
 
-        for chunk in batched(first_windows(), self.config.model.batch_size):
+        def spool(packets: list[bytes]) -> None:
+            # Sequence ids rise through the round, so a packet's last one says where to resume after it.
+            for data, last in zip(packets, builder.last_ids, strict=True):
+                writer.put(data, (key, last + 1))
+
+        try:
+            done = self._score_chunks(spec, generation, first_windows(), header, builder, spool, done, stop)
+            self._current(generation)
+            spool(builder.flush())
+        except BaseException:
+            writer.close(check=False)
+            raise
+        writer.close()  # every packet is in the spool before the assignment's end cursor
+        if not stop.is_set() and datetime.now(UTC) < spec.deadline:
+            self.spool.set_cursor(key, stop_at)  # also past trailing records that gave no window
+        return done
+
+    def _score_chunks(
+        self,
+        spec: RoundSpec,
+        generation: int,
+        first_windows: Iterator[Window],
+        header: PacketHeader,
+        builder: PacketBuilder,
+        spool: Callable[[list[bytes]], None],
+        done: int,
+        stop: threading.Event,
+    ) -> int:
+        id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
+        for chunk in batched(first_windows, self.config.model.batch_size):
             self._current(generation)
             scores = self.backend.score(
                 [w.token_ids for w in chunk], top_k=spec.top_k, stages=spec.stages, patches=spec.patches
@@ -483,10 +556,6 @@ class Agent:
             self._publish_status(sequences_done=done)
             if stop.is_set() or datetime.now(UTC) >= spec.deadline:
                 break
-        self._current(generation)
-        spool(builder.flush())
-        if not stop.is_set() and datetime.now(UTC) < spec.deadline:
-            self.spool.set_cursor(key, stop_at)  # also past trailing records that gave no window
         return done
 
     def _spool(

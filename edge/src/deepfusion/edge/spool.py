@@ -4,6 +4,7 @@
     digest = spool.add(packet_bytes, round=3, cursor=("3/news-0000/0", 96))   # before publishing
     for entry in spool.pending(): publish(spool.read(entry.digest))           # until acked
     spool.ack(digest)                                                         # accepted Ack: gone
+    spool.ack(digest, flush=False); ...; spool.flush()                        # many Acks, one index write
     spool.reject(digest, "round_closed", "round 3 is not open")               # rejected Ack: logged, gone
 
 Layout: `packets/{sha256}.dfk` (the exact bytes that were scored; ingest deduplicates by their sha256,
@@ -14,6 +15,11 @@ to a temporary name, fsynced and renamed before the index names it; the index is
 were never published and are deleted, entries whose file is missing or damaged are dropped with a log
 line (their sequences are scored again, because the cursor that covers them is written in the same index
 update as the packet).
+
+An acknowledgement may be recorded lazily (`ack(..., flush=False)`): the packet leaves the spool at once
+in memory, and its removal reaches the disk with the next index write (`flush`, or the next `add`). Its
+file is deleted only after an index without it is on disk, so a crash in between loses nothing: the
+packet is published again after the restart, and ingest, which deduplicates by sha256, acks it again.
 
 The spool is bounded: `add` raises `SpoolFull` when a packet would take it past `max_bytes`, and the
 caller pauses scoring until acknowledgements make room.
@@ -98,6 +104,7 @@ class Spool:
         self._entries: dict[str, SpoolEntry] = {}  # insertion order = publishing order
         self._cursors: dict[str, int] = {}
         self._used = 0
+        self._acked: list[str] = []  # gone from `_entries`; files deleted once an index without them is saved
         self._recover()
 
     # -- queries ---------------------------------------------------------------------------------------
@@ -164,11 +171,23 @@ class Spool:
                 self._cursors[key] = value
                 self._save()
 
-    def ack(self, digest: str) -> bool:
-        """The cloud stored the packet: forget it. False when it was not (or no longer) spooled."""
-        return self._remove(digest)
+    def ack(self, digest: str, *, flush: bool = True) -> bool:
+        """The cloud stored the packet: forget it. False when it was not (or no longer) spooled.
 
-    def reject(self, digest: str, reason: str, detail: str = "") -> bool:
+        With `flush=False` the index is not rewritten now but by the next `flush` or `add`; until then a
+        restart would publish the packet again (harmless: ingest deduplicates).
+        """
+        return self._remove(digest, flush)
+
+    def flush(self) -> bool:
+        """Write the index if acknowledgements are pending on disk (True when it wrote)."""
+        with self._cond:
+            if not self._acked:
+                return False
+            self._save()
+            return True
+
+    def reject(self, digest: str, reason: str, detail: str = "", *, flush: bool = True) -> bool:
         """The cloud refused the packet for good: log it and drop it (it would be refused again)."""
         with self._cond:
             entry = self._entries.get(digest)
@@ -182,7 +201,7 @@ class Spool:
             reason,
             detail,
         )
-        return self._remove(digest)
+        return self._remove(digest, flush)
 
     def keep_cursors(self, prefix: str) -> None:
         """Forget the cursors whose key does not start with `prefix` (those of finished rounds)."""
@@ -210,14 +229,15 @@ class Spool:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _remove(self, digest: str) -> bool:
+    def _remove(self, digest: str, flush: bool) -> bool:
         with self._cond:
             entry = self._entries.pop(digest, None)
             if entry is None:
                 return False
             self._used -= entry.size
-            self._save()  # the index first: a crash now leaves an orphan file, deleted at start
-            (self._packets / f"{digest}{_SUFFIX}").unlink(missing_ok=True)
+            self._acked.append(digest)
+            if flush:
+                self._save()
             self._cond.notify_all()
             return True
 
@@ -229,6 +249,10 @@ class Spool:
             "cursors": self._cursors,
         }
         _write_durably(self.directory / INDEX, json.dumps(index, separators=(",", ":")).encode())
+        # The index first: a crash between the two leaves an orphan file, deleted at the next start.
+        for digest in self._acked:
+            (self._packets / f"{digest}{_SUFFIX}").unlink(missing_ok=True)
+        self._acked.clear()
 
     def _recover(self) -> None:
         path = self.directory / INDEX

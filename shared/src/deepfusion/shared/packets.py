@@ -473,7 +473,8 @@ class PacketBuilder:
     Compressed size is known only after compressing, so the builder predicts it from the last measured
     compression ratio and encodes for real only near the budget: about two encodes per packet. A
     sequence too large for a packet on its own raises `SequenceTooLarge` and leaves the queue, so the
-    caller can score it in shorter windows and go on.
+    caller can score it in shorter windows and go on. `last_ids` holds the last sequence id of each
+    packet the latest `add` or `flush` returned, in the same order (a resume cursor without decoding).
     """
 
     def __init__(self, header: PacketHeader, *, budget: int = DEFAULT_BUDGET, level: int = 3) -> None:
@@ -485,6 +486,7 @@ class PacketBuilder:
         self._ratio = 1.0  # compressed / raw bytes; 1.0 until a packet has been measured
         self._encoded: bytes | None = None  # the queue's encoding, when the last add measured it
         self._id_bytes = 2 if header.vocab_size <= 2**16 - 1 else 4
+        self.last_ids: list[int] = []
 
     def _raw_bytes(self, sequence: SequenceKnowledge) -> int:
         """Uncompressed bytes of one sequence in the packet's wire dtypes."""
@@ -494,6 +496,7 @@ class PacketBuilder:
 
     def add(self, sequence: SequenceKnowledge) -> list[bytes]:
         """Queue one sequence; return the packets that it completed (often none)."""
+        self.last_ids = []
         raw = self._raw_bytes(sequence)
         ready: list[bytes] = []
         encoded = None
@@ -512,6 +515,7 @@ class PacketBuilder:
 
     def flush(self) -> list[bytes]:
         """Encode everything still queued."""
+        self.last_ids = []
         packets: list[bytes] = []
         while self._pending:
             packets.extend(self._emit(self._encoded or self._encode(self._pending)))
@@ -541,4 +545,5 @@ class PacketBuilder:
                 raise SequenceTooLarge(pending[0].sequence_id, size, self.budget)
         self._pending = pending[count:]
         self._pending_raw = sum(self._raw_bytes(s) for s in self._pending)
+        self.last_ids.append(int(pending[count - 1].sequence_id))
         return [data]
