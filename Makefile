@@ -36,6 +36,7 @@ test: setup system-deps
 lint: setup
 	$(VENV)/bin/ruff check shared edge cloud tests benchmarks
 	$(VENV)/bin/ruff format --check shared edge cloud tests benchmarks
+	$(VENV)/bin/mypy shared/src edge/src cloud/src
 
 bench: setup system-deps
 	$(PY) benchmarks/bench_packets.py

@@ -236,6 +236,7 @@ class IngestService:
         except InvalidTopic as exc:
             log.warning("ignored message: %s", exc)
             return None
+        ack: Ack | None
         if isinstance(result, Ack):
             ack = result
         else:
@@ -287,6 +288,10 @@ class IngestService:
         deadline = time.monotonic() + self.settings.context_wait_s
         while True:
             seen = self.view.version
+
+            def changed(view: FederationView, seen: int = seen) -> bool:
+                return view.version != seen
+
             problem = self.context().check(packet)
             if problem is None:
                 return None
@@ -294,7 +299,7 @@ class IngestService:
             if (
                 not self._may_appear(problem.reason, packet)
                 or remaining <= 0
-                or not self.view.wait_for(lambda v, s=seen: v.version != s, remaining)
+                or not self.view.wait_for(changed, remaining)
             ):
                 return check_context(self.federation, digest, packet, self.context())
 

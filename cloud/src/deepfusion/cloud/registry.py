@@ -162,10 +162,14 @@ class FederationView:
             note = _decode_or_none(ReleaseNote, payload)
             self._update(lambda: setattr(self, "_release", note))
         elif kind in (TopicKind.CARD, TopicKind.STATUS) and device is not None:
-            model = DeviceCard if kind == TopicKind.CARD else DeviceStatus
-            message = _decode_or_none(model, payload)
+            message: DeviceCard | DeviceStatus | None = (
+                _decode_or_none(DeviceCard, payload)
+                if kind == TopicKind.CARD
+                else _decode_or_none(DeviceStatus, payload)
+            )
             if message is not None and (message.device != device or message.federation != self.federation):
-                raise MessageError(f"{model.__name__} of {message.device!r} on the topic of {device!r}")
+                name = type(message).__name__
+                raise MessageError(f"{name} of {message.device!r} on the topic of {device!r}")
             field = "card" if kind == TopicKind.CARD else "status"
 
             def change() -> None:
@@ -192,4 +196,4 @@ def _decode_or_none(model: type[T], payload: bytes) -> T | None:
     """An empty payload is a cleared retained topic."""
     if not payload:
         return None
-    return decode_message(model, payload)  # type: ignore[type-var,return-value]
+    return decode_message(model, payload)  # type: ignore[type-var]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from deepfusion.cloud.data import Batch
 from deepfusion.cloud.losses import feature_mse, next_token_ce, topk_tail_kl
@@ -55,7 +56,7 @@ class StudentTrainer:
     """One student, its optional VAA and their optimizer."""
 
     def __init__(
-        self, student: nn.Module, spec: StudentSpec, *, stages: int, patches: int, widths: Iterable[int]
+        self, student: PreTrainedModel, spec: StudentSpec, *, stages: int, patches: int, widths: Iterable[int]
     ) -> None:
         self.student, self.spec = student, spec
         self.vaa: ViewAlignedAttention | None = None
@@ -102,20 +103,20 @@ class StudentTrainer:
 
     def _fm(self, hidden_states: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         assert self.vaa is not None
-        rows = [r for r in batch.rows if r.features is not None]
+        rows = [(r, r.features) for r in batch.rows if r.features is not None]
         if not rows:
             return hidden_states[0].new_zeros(())
         states = [hidden_states[i] for i in self.stage_ids]  # J × [B, L, H]
         preds, targets, weights = [], [], []
-        for width in sorted({r.width for r in rows}):
+        for width in sorted({r.width for r, _ in rows}):
             pred = self.vaa(states, batch.lengths, family_of(width))  # [B, J, P, W]
-            for r in (r for r in rows if r.width == width):
+            for r, features in ((r, f) for r, f in rows if r.width == width):
                 stages = [s for s in r.feature_stages if s < pred.size(1)]
                 preds.append(pred[r.seq, stages])  # [Js, P, W]
-                targets.append(r.features[: len(stages)])
+                targets.append(features[: len(stages)])
                 weights.append(r.weight)
-        loss = sum(w * feature_mse(p[None], t[None]) for p, t, w in zip(preds, targets, weights, strict=True))
-        return loss / batch.input_ids.size(0)
+        terms = [w * feature_mse(p[None], t[None]) for p, t, w in zip(preds, targets, weights, strict=True)]
+        return torch.stack(terms).sum() / batch.input_ids.size(0)
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.student.train()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from deepfusion.cloud.coordinator import release_key
-from deepfusion.cloud.data import RoundIndex, cluster_batches, index_round, read_clusters
+from deepfusion.cloud.data import Batch, RoundIndex, cluster_batches, index_round, read_clusters
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
 from deepfusion.cloud.rounds import round_prefix
@@ -129,11 +130,18 @@ def train_round(
             student, spec.student, stages=index.stages, patches=index.patches, widths=index.feature_widths
         )
         before = evaluate_windows(student, heldout) if heldout else None
-        history = trainer.fit(
-            lambda e, c=cluster: cluster_batches(
-                store, index, c, batch_size=spec.student.batch_size, tau=spec.student.tau, seed=spec.seed + e
+
+        def epoch(e: int, cluster: int = cluster) -> Iterator[Batch]:
+            return cluster_batches(
+                store,
+                index,
+                cluster,
+                batch_size=spec.student.batch_size,
+                tau=spec.student.tau,
+                seed=spec.seed + e,
             )
-        )
+
+        history = trainer.fit(epoch)
         after = evaluate_windows(student, heldout) if heldout else None
         report["students"][cluster] = {"history": history, "before": before, "after": after}
         log.info(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -90,7 +91,8 @@ class ViewAlignedAttention(nn.Module):
         x = x + self.attn(h, h, h, need_weights=False)[0]  # [B, J·P, d]
         x = x + self.mlp(self.norm2(x))  # [B, J·P, d]
         groups = x.split(P, dim=1)  # J × [B, P, d]
-        out = [proj(g) for proj, g in zip(self.outputs[family], groups, strict=True)]  # J × [B, P, W]
+        heads = cast(nn.ModuleList, self.outputs[family])
+        out = [proj(g) for proj, g in zip(heads, groups, strict=True)]  # J × [B, P, W]
         return torch.stack(out, dim=1)  # [B, J, P, W]
 
 
@@ -100,6 +102,7 @@ def backbone_grad_ratio(backbone: nn.Module, loss_a: torch.Tensor, loss_b: torch
 
     def norm(loss: torch.Tensor) -> torch.Tensor:
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+        squares = [(g.float() ** 2).sum() for g in grads if g is not None]
+        return torch.stack(squares).sum().sqrt() if squares else loss.new_zeros(())
 
     return float(norm(loss_a) / norm(loss_b).clamp_min(1e-12))
