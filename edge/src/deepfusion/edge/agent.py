@@ -42,7 +42,7 @@ import typer
 from deepfusion.edge import __version__
 from deepfusion.edge.agent_config import DeviceConfig, load_device_config
 from deepfusion.edge.fetch import FetchError, fetch_shard
-from deepfusion.edge.scoring import Window, batched, read_texts, to_knowledge, windows
+from deepfusion.edge.scoring import Window, batched, packet_header, read_texts, to_knowledge, windows
 from deepfusion.edge.spool import Spool, SpoolFull
 from deepfusion.shared.config import ConfigError
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
@@ -466,24 +466,17 @@ class Agent:
         return max(assignment.start, self.spool.cursor(self._cursor_key(spec, assignment)) or 0)
 
     def _header(self, spec: RoundSpec, shard: str) -> PacketHeader:
-        backend = self.backend
-        stages = spec.stages
-        feature_stages = (
-            backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
-        )
-        return PacketHeader(
+        return packet_header(
+            self.backend,
             federation=self.federation,
-            round=spec.round,
+            round_id=spec.round,
             device=self.device,
             shard=shard,
             tokenizer=self.fingerprint,
-            vocab_size=backend.shape.vocab_size,
             top_k=spec.top_k,
             top_p=spec.top_p,
-            stages=stages,
+            stages=spec.stages,
             patches=spec.patches,
-            feature_stages=feature_stages,
-            feature_width=backend.shape.hidden_size if feature_stages else 0,
         )
 
     def _score_assignment(

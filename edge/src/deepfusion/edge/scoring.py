@@ -169,6 +169,40 @@ def batched(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
         yield chunk
 
 
+def packet_header(
+    backend: Backend,
+    *,
+    federation: str,
+    round_id: int,
+    device: str,
+    shard: str,
+    tokenizer: str,
+    top_k: int,
+    top_p: float | None,
+    stages: int,
+    patches: int,
+) -> PacketHeader:
+    """The header of this backend's packets: the J stages it can pool (maybe none) and their width.
+
+    Offline scoring and the agent both build it here, so their packets are byte for byte the same.
+    """
+    feature_stages = backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
+    return PacketHeader(
+        federation=federation,
+        round=round_id,
+        device=device,
+        shard=shard,
+        tokenizer=tokenizer,
+        vocab_size=backend.shape.vocab_size,
+        top_k=top_k,
+        top_p=top_p,
+        stages=stages,
+        patches=patches,
+        feature_stages=feature_stages,
+        feature_width=backend.shape.hidden_size if feature_stages else 0,
+    )
+
+
 def score_texts(
     backend: Backend,
     tokenizer: Any,
@@ -187,21 +221,17 @@ def score_texts(
             "score with the tokenizer that was saved with this model",
         )
     fingerprint = tokenizer_fingerprint(vocab)
-    stages = settings.stages
-    feature_stages = backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
-    header = PacketHeader(
+    header = packet_header(
+        backend,
         federation=settings.federation,
-        round=settings.round,
+        round_id=settings.round,
         device=settings.device,
         shard=settings.shard,
         tokenizer=fingerprint,
-        vocab_size=backend.shape.vocab_size,
         top_k=settings.top_k,
         top_p=settings.top_p,
-        stages=stages,
+        stages=settings.stages,
         patches=settings.patches,
-        feature_stages=feature_stages,
-        feature_width=backend.shape.hidden_size if feature_stages else 0,
     )
     id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
     builder = PacketBuilder(header, budget=settings.budget)
@@ -219,11 +249,14 @@ def score_texts(
     with (output_dir / "sequences.jsonl").open("w", encoding="utf-8") as index:
         for chunk in batched(windows(tokenizer, texts, settings.max_tokens), settings.batch_size):
             scores = backend.score(
-                [w.token_ids for w in chunk], top_k=settings.top_k, stages=stages, patches=settings.patches
+                [w.token_ids for w in chunk],
+                top_k=settings.top_k,
+                stages=settings.stages,
+                patches=settings.patches,
             )
             for window, score in zip(chunk, scores, strict=True):
                 knowledge = to_knowledge(window, score, settings.top_p, id_dtype)
-                if not feature_stages:
+                if not header.feature_stages:
                     knowledge = replace(knowledge, features=None)
                 try:
                     write(builder.add(knowledge))
@@ -246,7 +279,7 @@ def score_texts(
         tokens=counts["tokens"],
         bytes=counts["bytes"],
         seconds=time.perf_counter() - started,
-        feature_stages=feature_stages,
+        feature_stages=header.feature_stages,
         tokenizer=fingerprint,
     )
     (output_dir / "score.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
