@@ -41,6 +41,7 @@ lint: setup
 bench: setup system-deps
 	$(PY) benchmarks/bench_packets.py
 	$(PY) benchmarks/bench_edge.py --threads 1
+	$(PY) benchmarks/bench_trainer.py
 
 clean:
 	rm -rf $(VENV) dist build .pytest_cache .hypothesis results

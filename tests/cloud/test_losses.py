@@ -135,3 +135,43 @@ def test_teacher_weights_quality_and_equal() -> None:
     raw = torch.exp(-torch.tensor([0.0, 0.45, 1.1]) / 0.2)
     torch.testing.assert_close(w[0], raw / raw.sum())
     assert w[0, 0] > w[0, 1] > w[0, 2]
+
+
+def test_student_kl_over_a_batch_equals_the_per_row_full_vocabulary_computation() -> None:
+    from transformers import Qwen2ForCausalLM
+
+    from deepfusion.cloud.data import Batch, TeacherRow
+    from deepfusion.cloud.students import StudentSpec, StudentTrainer
+    from deepfusion.cloud.zoo.presets import get_preset
+
+    torch.manual_seed(3)
+    vocab, k = 64, 6
+    config = get_preset("student-tiny").config(vocab, num_hidden_layers=1, layer_types=["full_attention"])
+    student = Qwen2ForCausalLM(config)
+    ids = torch.randint(0, vocab, (2, 9))
+    lengths = torch.tensor([9, 5])
+    mask = (torch.arange(9)[None] < lengths[:, None]).long()
+    rows = []
+    for seq, weight, kr in ((0, 0.7, k), (0, 0.3, k - 2), (1, 1.0, k)):
+        n = int(lengths[seq])
+        top = torch.stack([torch.randperm(vocab)[:kr] for _ in range(n)])
+        lp = torch.log_softmax(torch.randn(n, vocab), -1).gather(-1, top)
+        lp[0, 1:] = -math.inf  # a row cut short by top-p
+        rows.append(TeacherRow(seq, "d", weight, top, lp, None, (), 0))
+    trainer = StudentTrainer(student, StudentSpec(temperature=2.0), stages=0, patches=1, widths=())
+    logits = student(input_ids=ids, attention_mask=mask).logits
+    got = trainer._kl(logits, Batch(ids, mask, lengths, rows))
+    expected = (
+        sum(
+            r.weight
+            / len(r.topk_ids)
+            * topk_tail_kl(
+                logits[r.seq, : len(r.topk_ids)], r.topk_ids, r.topk_logprobs, temperature=2.0
+            ).sum()
+            for r in rows
+        )
+        / 2
+    )
+    assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    got.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

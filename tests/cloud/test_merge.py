@@ -1,4 +1,4 @@
-"""Phase III merge: exactness of the fine-grained split, averaging, and a loadable stock checkpoint."""
+"""Phase III merge: exactness of the split, averaging, a stock checkpoint; Qwen2-MoE and DeepSeek-V3."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    DeepseekV3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen2MoeForCausalLM,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE  # noqa: E402
 
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe, routed_scale  # noqa: E402
 from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
@@ -75,6 +81,96 @@ def test_release_loads_with_plain_transformers_and_generates(tmp_path: Path, sha
     moe.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert isinstance(loaded, Qwen2MoeForCausalLM)
+    ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, moe(ids).logits)
+    out = loaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 12)
+
+
+# DeepSeek-V3 target --------------------------------------------------------------------------------
+
+
+def _sharp_student(seed: int) -> Qwen2ForCausalLM:
+    """A student whose biases, norm weights and peaked attention all matter (the init zeroes biases)."""
+    student = _student(seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, param in student.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name:
+                param.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.5 * noise)
+            elif "q_proj" in name or "k_proj" in name:
+                param.copy_(noise * 2 / param.shape[1] ** 0.5)
+    return student
+
+
+def _deepseek(split: int, **overrides: object) -> MergeSpec:
+    fields: dict[str, object] = {
+        "split": split,
+        "top_k": split,
+        "shared_expert": False,
+        "router_init_std": 0.0,
+        "architecture": "deepseek_v3",
+    }
+    fields.update(overrides)
+    return MergeSpec(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("split", "norm", "shared"), [(2, False, False), (4, True, False), (4, False, True)])
+def test_deepseek_moe_block_reproduces_the_student_ffn(split: int, norm: bool, shared: bool) -> None:
+    """All G experts active, sigmoid(0) = 1/2 (or 1/G renormalised) undone by routed_scaling_factor."""
+    student = _sharp_student(0)
+    moe = merge_students_into_moe([student], _deepseek(split, norm_topk_prob=norm, shared_expert=shared))
+    assert isinstance(moe, DeepseekV3ForCausalLM) and moe.config.first_k_dense_replace == 0
+    assert moe.config.n_routed_experts == split and routed_scale(moe.config, _deepseek(split)) == 1.0
+    hidden = torch.randn(3, 17, student.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    for layer in range(student.config.num_hidden_layers):
+        block = moe.model.layers[layer].mlp
+        assert isinstance(block, DeepseekV3MoE)
+        with torch.no_grad():
+            torch.testing.assert_close(
+                block(hidden), student.model.layers[layer].mlp(hidden), atol=1e-5, rtol=1e-5
+            )
+
+
+@pytest.mark.parametrize("split", [2, 4])
+def test_deepseek_merge_of_one_student_reproduces_its_logits(split: int) -> None:
+    """MLA holds the Qwen2 attention (biases, GQA, rotary) exactly; see merge._mla_layer."""
+    student = _sharp_student(0)
+    moe = merge_students_into_moe([student], _deepseek(split, shared_expert=True))
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_rotary_layout_matters() -> None:
+    """The exactness above is not vacuous: DeepSeek's interleaved rotary breaks it."""
+    student = _sharp_student(1)
+    moe = merge_students_into_moe([student], _deepseek(2))
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    moe.config.rope_interleave = True
+    with torch.no_grad():
+        assert (moe(ids).logits - student(ids).logits).abs().max() > 1e-2
+
+
+def test_deepseek_needs_two_experts() -> None:
+    with pytest.raises(ValueError, match="at least 2 routed experts"):
+        merge_students_into_moe([_student(0)], MergeSpec(split=1, architecture="deepseek_v3"))
+
+
+def test_deepseek_release_of_two_students_loads_with_plain_transformers_and_generates(tmp_path: Path) -> None:
+    moe = merge_students_into_moe(
+        [_sharp_student(0), _sharp_student(1)], MergeSpec(split=2, architecture="deepseek_v3")
+    )
+    assert moe.config.n_routed_experts == 4 and moe.config.num_experts_per_tok == 2
+    assert moe.config.n_shared_experts == 2 and moe.config.routed_scaling_factor == 1.0  # (1 - ½) / ½
+    assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()  # still tied
+    moe.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, DeepseekV3ForCausalLM)
     ids = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, moe(ids).logits)

@@ -1,4 +1,4 @@
-"""The console scripts as a user runs them: --version, --help, the packet inspector, the simulator."""
+"""The console scripts as a user runs them: --version, --help and the packet inspector."""
 
 from __future__ import annotations
 
@@ -38,20 +38,3 @@ def test_inspect_tells_valid_from_refused(tmp_path):
     assert result.returncode == 1
     assert f"refused {bad}: corrupt_compression" in result.stdout
     assert f"refused {good}" not in result.stdout
-
-
-@pytest.mark.slow
-@pytest.mark.mqtt
-def test_simulate_runs_a_round_end_to_end(tmp_path):
-    store = tmp_path / "store"
-    result = run("deepfusion-cloud", "simulate", "--devices", "3", "--store", str(store), timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
-    stored = sorted(store.glob("demo/rounds/0/knowledge/*/*.dfk"))
-    assert {p.parent.name for p in stored} == {"dev-00", "dev-01", "dev-02"}
-    assert "3 acknowledged packets are in the store" in result.stdout
-    # the deliberately truncated packet was refused, and the device was told why
-    assert "dev-00: 1 packet(s) refused by ingest: corrupt_compression" in result.stdout
-
-    again = run("deepfusion-cloud", "simulate", "--devices", "3", "--store", str(store), timeout=180)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert sorted(store.glob("demo/rounds/0/knowledge/*/*.dfk")) == stored  # resent packets dedupe

@@ -16,6 +16,7 @@ across different tokenizers is not implemented.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,9 +31,32 @@ from deepfusion.cloud.rounds import round_prefix, state_key
 from deepfusion.shared.packets import KnowledgePacket, PacketError, PacketHeader, SequenceKnowledge, decode
 from deepfusion.shared.store import ObjectNotFound, ObjectStore
 
-__all__ = ["Batch", "RoundIndex", "TeacherRow", "cluster_batches", "index_round", "read_clusters"]
+__all__ = [
+    "Batch",
+    "RoundIndex",
+    "TeacherRow",
+    "cluster_batches",
+    "index_round",
+    "one_cluster",
+    "read_clusters",
+]
 
 MAX_PACKET_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
+
+
+def one_cluster(clusters: ClusterReport) -> ClusterReport:
+    """Every clustered device in cluster 0: for training one model on all teachers (the MoE)."""
+    members = sorted(clusters.assignment)
+    return ClusterReport(
+        k=1,
+        assignment=dict.fromkeys(members, 0),
+        members={0: members},
+        sizes={0: len(members)},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
 
 
 def read_clusters(store: ObjectStore, federation: str, round_id: int) -> ClusterReport:
@@ -100,7 +124,10 @@ def index_round(store: ObjectStore, federation: str, round_id: int, clusters: Cl
             continue
         try:
             packet = decode(store.get(key), max_bytes=MAX_PACKET_BYTES)
-        except (ObjectNotFound, PacketError):
+        except ObjectNotFound:
+            continue  # deleted since it was listed
+        except PacketError as exc:  # ingest validated it; a packet that now fails is damage, not input
+            log.warning("round %d: skipped unreadable packet %s: %s", round_id, key, exc)
             continue
         h = packet.header
         cluster = clusters.assignment.get(h.device)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "bucket_kl",
     "feature_mse",
     "next_token_ce",
     "teacher_weights",
@@ -47,35 +48,51 @@ def topk_tail_kl(
     """Forward KL(teacher ‖ student) per token over the teacher's top-k ids plus one tail bucket.
 
     student_logits  [N, V]  the student's logits at the positions the rows describe
-    topk_ids        [N, k]  teacher ids (long); entries where `valid` is False are ignored
+    topk_ids        [N, k]  teacher ids (long, distinct per row); entries where `valid` is False are ignored
     topk_logprobs   [N, k]  teacher log-probs at temperature 1; -inf where padded
     valid           [N, k]  bool, default `isfinite(topk_logprobs)` (sentinel padding is -inf)
     returns         [N]     KL in nats, times T²
     """
+    vocab = student_logits.size(-1)
+    ids = topk_ids.clamp(0, vocab - 1)
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)  # [N, k]
+    return bucket_kl(student, topk_logprobs, vocab=vocab, temperature=temperature, valid=valid)
+
+
+def bucket_kl(
+    student_logprobs: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    vocab: int,
+    temperature: float = 1.0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`topk_tail_kl` from the student's log-probs (at T) already gathered at the teacher's ids.
+
+    Callers that hold the student's log-softmax for a whole batch gather [N, k] from it once, instead
+    of materialising an [N, V] slice per teacher row: the tail bucket needs only the gathered mass.
+
+    student_logprobs  [N, k]  log softmax(student logits / T) at the teacher's ids
+    topk_logprobs     [N, k]  teacher log-probs at temperature 1; -inf where padded
+    returns           [N]
+    """
     if valid is None:
         valid = torch.isfinite(topk_logprobs)
-    vocab = student_logits.size(-1)
-    ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).clamp(0, vocab - 1)  # [N, k]
-    neg_inf = torch.tensor(-math.inf, dtype=torch.float32, device=student_logits.device)
-
-    # Which vocabulary entries the teacher's valid ids cover; a row covering all V has no tail bucket.
-    n_rows = student_logits.size(0)
-    counts = torch.zeros(n_rows, vocab, device=student_logits.device)
-    in_topk = counts.scatter_add_(-1, ids, valid.float()) > 0  # [N, V]
-    has_tail = ~in_topk.all(dim=-1)  # [N]
+    neg_inf = torch.tensor(-math.inf, dtype=torch.float32, device=topk_logprobs.device)
+    has_tail = valid.sum(-1) < vocab  # [N]  the ids of a row are distinct: all V of them leave no tail
 
     # Teacher buckets: k valid ids + tail, tempered as buckets.
     t_lp = torch.where(valid, topk_logprobs.float(), neg_inf)  # [N, k]
-    t_tail = _log1mexp(torch.logsumexp(t_lp, dim=-1))  # [N]  log(1 - Σ p_topk)
-    t_tail = torch.where(has_tail, t_tail, neg_inf)
+    t_tail = torch.where(has_tail, _log1mexp(torch.logsumexp(t_lp, dim=-1)), neg_inf)  # [N]
     t_buckets = torch.cat([t_lp, t_tail[:, None]], dim=-1) / temperature  # [N, k+1]
     t_buckets = torch.log_softmax(t_buckets, dim=-1)  # renormalise (exact when T = 1)
 
-    # Student buckets: full softmax at T, gathered at the teacher's ids; tail = everything else.
-    s_all = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # [N, V]
-    s_lp = s_all.gather(-1, ids)  # [N, k]  (padded columns are masked out below)
-    s_tail = torch.logsumexp(s_all.masked_fill(in_topk, -1e30), dim=-1)  # [N]  finite, for the gradient
-    s_buckets = torch.cat([s_lp, s_tail[:, None]], dim=-1)  # [N, k+1]
+    # Student buckets: its mass on the teacher's ids, and the rest of the vocabulary as the tail.
+    s_lp = torch.where(valid, student_logprobs.float(), neg_inf)  # [N, k]
+    # Clamped below log 1 so the tail's gradient stays finite when the ids hold nearly all the mass.
+    s_mass = torch.logsumexp(s_lp, dim=-1).clamp(max=-1e-6)
+    s_tail = torch.where(has_tail, _log1mexp(s_mass), torch.zeros_like(s_mass))  # [N]
+    s_buckets = torch.cat([torch.where(valid, s_lp, torch.zeros_like(s_lp)), s_tail[:, None]], dim=-1)
 
     p = t_buckets.exp()
     diff = torch.where(p > 0, t_buckets - s_buckets, torch.zeros_like(p))  # 0·log 0 = 0

@@ -14,16 +14,17 @@ import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from deepfusion.cloud.data import Batch
-from deepfusion.cloud.losses import feature_mse, next_token_ce, topk_tail_kl
-from deepfusion.cloud.vaa import VAAConfig, ViewAlignedAttention, stage_indices
+from deepfusion.cloud.losses import bucket_kl, feature_mse, next_token_ce
+from deepfusion.cloud.vaa import VAAConfig, ViewAlignedAttention, backbone_grad_ratio, stage_indices
 
-__all__ = ["StudentSpec", "StudentTrainer", "family_of"]
+__all__ = ["StudentSpec", "StudentTrainer", "batch_kl", "family_of", "warmup_cosine"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class StudentSpec:
     batch_size: int = 8
     """Sequences per step."""
     lr: float = 1e-3
+    warmup_steps: int = 10
+    """Linear warmup, then cosine decay to a tenth of `lr`: a pretrained student is not shocked."""
     weight_decay: float = 0.0
     alpha: float = 0.0
     """Weight of the feature loss (VAA); 0 disables VAA."""
@@ -44,7 +47,42 @@ class StudentSpec:
     tau: float | None = 0.2
     """Teacher-quality temperature; None gives equal teacher weights."""
     vaa: VAAConfig = field(default_factory=VAAConfig)
+    grad_ratio_every: int = 25
+    """Steps between two measurements of ‖∇ α·L_FM‖ / ‖∇ L_CE‖ in the student (0: never): whether the
+    feature term shapes the student or only the VAA (CALIBRATION lesson 3)."""
     """VAA shape; its stages/patches are replaced by the round's J and P."""
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Learning-rate factor at `step`: linear warmup over `warmup` steps, then cosine down to `floor`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Σ over the batch's (sequence, device) rows of weight × mean top-k + tail KL, per sequence.
+
+    logits [B, L, V] of the model being taught; one log-softmax for the batch, and each row gathers its
+    [n, k] from it, so no [n, V] slice is copied per teacher.
+    """
+    if not batch.rows:
+        return logits.new_zeros(())
+    k = max(r.topk_ids.size(1) for r in batch.rows)
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, L, V]
+    seqs, positions, ids, lps, weights = [], [], [], [], []
+    for r in batch.rows:
+        n, kr = r.topk_ids.shape
+        seqs.append(torch.full((n,), r.seq))
+        positions.append(torch.arange(n))
+        ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
+        lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
+        weights.append(torch.full((n,), r.weight / n))
+    top = torch.cat(ids).clamp(0, logits.size(-1) - 1)  # [N, k]
+    student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top]  # [N, k]
+    per_token = bucket_kl(student, torch.cat(lps), vocab=logits.size(-1), temperature=temperature)  # [N]
+    return (per_token * torch.cat(weights)).sum() / batch.input_ids.size(0)
 
 
 def family_of(width: int) -> str:
@@ -61,6 +99,7 @@ class StudentTrainer:
         self.student, self.spec = student, spec
         self.vaa: ViewAlignedAttention | None = None
         self.stage_ids: tuple[int, ...] = ()
+        self.steps = 0
         widths = sorted(set(widths))
         if spec.alpha > 0 and stages > 0 and widths:
             J = min(stages, student.config.num_hidden_layers)
@@ -70,6 +109,9 @@ class StudentTrainer:
             self.stage_ids = stage_indices(student.config.num_hidden_layers, J)
         params = list(student.parameters()) + (list(self.vaa.parameters()) if self.vaa else [])
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, partial(warmup_cosine, warmup=spec.warmup_steps, total=spec.steps)
+        )
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.student(
@@ -85,21 +127,9 @@ class StudentTrainer:
         return {"loss": total, "ce": ce, "kl": kl, "fm": fm}
 
     def _kl(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        if not batch.rows or self.spec.beta == 0:
+        if self.spec.beta == 0:
             return logits.new_zeros(())
-        k = max(r.topk_ids.size(1) for r in batch.rows)
-        pieces, ids, lps, weights = [], [], [], []
-        for r in batch.rows:
-            n, kr = r.topk_ids.shape
-            pieces.append(logits[r.seq, :n])  # [n, V]
-            ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
-            lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
-            weights.append(torch.full((n,), r.weight / n))
-        per_token = topk_tail_kl(
-            torch.cat(pieces), torch.cat(ids), torch.cat(lps), temperature=self.spec.temperature
-        )  # [N]
-        sequences = batch.input_ids.size(0)
-        return (per_token * torch.cat(weights)).sum() / sequences
+        return batch_kl(logits, batch, self.spec.temperature)
 
     def _fm(self, hidden_states: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         assert self.vaa is not None
@@ -121,10 +151,16 @@ class StudentTrainer:
     def step(self, batch: Batch) -> dict[str, float]:
         self.student.train()
         losses = self.losses(batch)
+        self.steps += 1
+        every = self.spec.grad_ratio_every
+        if self.vaa is not None and every and (self.steps - 1) % every == 0:
+            ratio = backbone_grad_ratio(self.student, self.spec.alpha * losses["fm"], losses["ce"])
+            losses["fm_ce_grad"] = torch.tensor(ratio)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.optimizer.step()
+        self.scheduler.step()
         return {name: float(value.detach()) for name, value in losses.items()}
 
     def fit(

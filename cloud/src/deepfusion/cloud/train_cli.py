@@ -10,6 +10,18 @@ import typer
 __all__ = ["train"]
 
 
+def _eval_sets(values: list[str]) -> dict[str, Path]:
+    sets: dict[str, Path] = {}
+    for value in values:
+        domain, sep, path = value.partition("=")
+        if not sep or not domain or not path:
+            raise typer.BadParameter(f"--eval takes DOMAIN=FILE, got {value!r}")
+        if not Path(path).is_file():
+            raise typer.BadParameter(f"--eval {domain}: {path} is not a file")
+        sets[domain] = Path(path)
+    return sets
+
+
 def train(
     round_id: int = typer.Option(..., "--round", help="The closed round to train on."),
     base: Path = typer.Option(..., help="Base student: a Qwen2 transformers checkpoint directory."),
@@ -17,33 +29,86 @@ def train(
     config: Path = typer.Option(None, "--config", help="Cloud config TOML."),
     overrides: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
     steps: int = typer.Option(300, help="Phase II steps per student."),
+    batch_size: int = typer.Option(8, help="Sequences per phase II step."),
+    lr: float = typer.Option(1e-3, help="Phase II learning rate."),
     tune_steps: int = typer.Option(200, help="Phase III steps."),
+    tune_lr: float = typer.Option(5e-4, help="Phase III learning rate."),
+    tune_beta: float = typer.Option(
+        0.0, help="Phase III KL weight: also distill every device's packets into the MoE (0: CE only)."
+    ),
     alpha: float = typer.Option(0.0, help="Feature-loss weight (0: no VAA)."),
     beta: float = typer.Option(1.0, help="KL weight."),
+    temperature: float = typer.Option(1.0, help="Distillation temperature T."),
     tau: float = typer.Option(0.2, help="Teacher-quality temperature; <= 0 gives equal weights."),
     split: int = typer.Option(1, help="G: fine-grained experts per student FFN."),
     version: str = typer.Option(None, help="Release version (default r{round})."),
+    warm_start: bool = typer.Option(True, help="Start from the previous round's students when stored."),
+    eval_sets: list[str] = typer.Option(
+        [], "--eval", help="DOMAIN=FILE (.jsonl or text): held-out test text measured on the release."
+    ),
+    eval_tokens: int = typer.Option(128, help="Window length of the held-out evaluation."),
+    publish: bool = typer.Option(True, help="Stream metrics on the trainer/metrics MQTT topic."),
+    seed: int = typer.Option(0, help="Seed of the data order and the router init."),
 ) -> None:
     """Distill a closed round into K students, merge them into an MoE and write the release."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deepfusion.cloud.evaluate import token_windows
     from deepfusion.cloud.merge import MergeSpec
     from deepfusion.cloud.settings import load_cloud_config
+    from deepfusion.cloud.shards import read_texts
     from deepfusion.cloud.students import StudentSpec
     from deepfusion.cloud.trainer import TrainSpec, train_round
+    from deepfusion.shared.messages import Metrics, encode_message
+    from deepfusion.shared.mqtt import MqttClient, MqttError
     from deepfusion.shared.store import open_store
+    from deepfusion.shared.topics import metrics_topic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sets = _eval_sets(eval_sets)
     settings = load_cloud_config(config, overrides)
     store = open_store(settings.store)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base)
+    heldout = {d: token_windows(tokenizer, read_texts(p), eval_tokens) for d, p in sets.items()}
     spec = TrainSpec(
-        student=StudentSpec(steps=steps, alpha=alpha, beta=beta, tau=tau if tau > 0 else None),
+        student=StudentSpec(
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            alpha=alpha,
+            beta=beta,
+            temperature=temperature,
+            tau=tau if tau > 0 else None,
+        ),
         merge=MergeSpec(split=split),
         tune_steps=tune_steps,
+        tune_lr=tune_lr,
+        tune_beta=tune_beta,
         version=version,
+        warm_start=warm_start,
+        seed=seed,
     )
-    note, _ = train_round(store, settings.federation, round_id, model, tokenizer, spec)
+    client = None
+    if publish:
+        client = MqttClient(settings.mqtt, f"trainer-{settings.federation}")
+        try:
+            client.connect(timeout=5)
+        except MqttError as exc:
+            typer.echo(f"warning: metrics not streamed, broker unreachable: {exc}", err=True)
+            client.close()
+            client = None
+
+    def sink(metric: Metrics) -> None:
+        if client is not None:
+            client.publish(metrics_topic(settings.federation), encode_message(metric))
+
+    try:
+        note, _ = train_round(
+            store, settings.federation, round_id, model, tokenizer, spec, heldout=heldout, sink=sink
+        )
+    finally:
+        if client is not None:
+            client.close()
     typer.echo(f"release {note.version} of round {note.round}: {note.uri}")

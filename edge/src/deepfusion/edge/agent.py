@@ -65,6 +65,7 @@ __all__ = ["Agent", "RateLimiter", "run"]
 
 log = logging.getLogger(__name__)
 
+_LOAD_LOCK = threading.Lock()  # agents hosted in one process load their models in turn
 ACK_FLUSH_S = 1.0  # how long an Ack may wait to be written to the spool index (a crash resends it)
 
 
@@ -162,11 +163,12 @@ class Agent:
         from deepfusion.edge.modelinfo import load_tokenizer, model_info
 
         cfg = self.config
-        info = model_info(cfg.model.path)
-        name = cfg.model.backend if cfg.model.backend != "auto" else info.backends[0]
-        self.tokenizer = load_tokenizer(info.path)
-        self.fingerprint = tokenizer_fingerprint(self.tokenizer.get_vocab(with_added_tokens=True))
-        self.backend = load_backend(name, info.path, threads=cfg.model.threads)
+        with _LOAD_LOCK:  # one at a time: transformers' loading patches process-wide state
+            info = model_info(cfg.model.path)
+            name = cfg.model.backend if cfg.model.backend != "auto" else info.backends[0]
+            self.tokenizer = load_tokenizer(info.path)
+            self.fingerprint = tokenizer_fingerprint(self.tokenizer.get_vocab(with_added_tokens=True))
+            self.backend = load_backend(name, info.path, threads=cfg.model.threads)
         self.model_name = Path(info.path).name
         try:
             card = self._card(info, name)
@@ -260,11 +262,12 @@ class Agent:
 
         started = time.perf_counter()
         try:
-            values = data_embedding(
-                list(read_texts(data.private)),
-                max_texts=data.embedding_max_texts,
-                cache_dir=self.config.device.state_dir / "embeddings",
-            )
+            with _LOAD_LOCK:  # MiniLM loads through transformers too (see `run`)
+                values = data_embedding(
+                    list(read_texts(data.private)),
+                    max_texts=data.embedding_max_texts,
+                    cache_dir=self.config.device.state_dir / "embeddings",
+                )
         except EmbeddingUnavailable as exc:
             raise ConfigError(f"{exc}; or set data.embedding to a precomputed e_n") from None
         log.info("data embedding ready seconds=%.2f", time.perf_counter() - started)
@@ -582,19 +585,98 @@ def _configure_logging(level: str) -> None:
     )
 
 
+def _load_configs(paths: list[Path], overrides: list[str]) -> list[DeviceConfig]:
+    """Every config, validated before any agent starts; a ConfigError names the file at fault."""
+    configs: list[DeviceConfig] = []
+    for path in paths:
+        try:
+            configs.append(load_device_config(path, overrides))
+        except ConfigError as exc:
+            message = str(exc)
+            if len(paths) == 1 or str(path) in message:
+                raise
+            raise ConfigError(f"{path}: {message}") from None
+    devices: dict[str, Path] = {}
+    spools: dict[Path, Path] = {}
+    for path, cfg in zip(paths, configs, strict=True):
+        if cfg.device.id in devices:
+            raise ConfigError(
+                f"{path}: device id {cfg.device.id!r} is also the device of {devices[cfg.device.id]}; "
+                "each hosted device needs its own id (its MQTT client id and topic level)"
+            )
+        devices[cfg.device.id] = path
+        spool = cfg.spool.dir.expanduser().resolve()
+        if spool in spools:
+            raise ConfigError(
+                f"{path}: spool.dir {cfg.spool.dir} is also the spool of {spools[spool]}; "
+                "each hosted device needs its own spool"
+            )
+        spools[spool] = path
+    if len(configs) > 1:  # N agents x all cores would oversubscribe the CPU
+        configs = [
+            cfg
+            if cfg.model.threads is not None
+            else cfg.model_copy(update={"model": cfg.model.model_copy(update={"threads": 1})})
+            for cfg in configs
+        ]
+    return configs
+
+
+def _host(configs: list[DeviceConfig], stop: threading.Event) -> int:
+    """Run one agent per config, each in its own thread, until all have ended; the number that failed."""
+    failed: list[str] = []
+
+    def one(cfg: DeviceConfig) -> None:
+        device = cfg.device.id
+        try:
+            Agent(cfg).run(stop)
+        except Exception as exc:
+            from deepfusion.edge.errors import ModelError
+
+            failed.append(device)
+            if isinstance(exc, (ModelError, ConfigError)):
+                log.error("agent failed device=%s: %s", device, exc)
+            else:
+                log.exception("agent failed device=%s", device)
+
+    threads = [
+        threading.Thread(target=one, args=(cfg,), name=f"agent-{cfg.device.id}", daemon=True)
+        for cfg in configs
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(timeout=0.5)  # a short join keeps the main thread free to run signal handlers
+    if failed:
+        log.error("%d of %d agents failed: %s", len(failed), len(configs), ", ".join(sorted(failed)))
+    return len(failed)
+
+
 def run(
-    config: Path = typer.Option(..., "--config", "-c", help="Device config (TOML), e.g. device.toml."),
+    config: list[Path] = typer.Option(
+        ...,
+        "--config",
+        "-c",
+        help="Device config (TOML), e.g. device.toml; repeat to host several devices in this process.",
+    ),
     set_: list[str] = typer.Option(
-        [], "--set", help="Override a config key: section.key=value (repeatable)."
+        [], "--set", help="Override a config key: section.key=value (repeatable; applies to every config)."
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
-    """Run the device agent: join the federation, score rounds, publish knowledge until stopped."""
+    """Run the device agent: join the federation, score rounds, publish knowledge until stopped.
+    Several --config files host several devices in one process, the way a simulator runs many devices
+    on one machine: each device runs in its own thread with its own MQTT client, spool and model, and
+    the devices share the process and its CPU (a config without model.threads gets 1 thread). Every
+    config is checked before any device starts (exit 2 on an error). SIGTERM or SIGINT stops every
+    device; a device that fails is logged while the others keep running, and the exit code is then 1.
+    """
     from deepfusion.edge.errors import ModelError
 
     _configure_logging(log_level)
     try:
-        cfg = load_device_config(config, set_)
+        configs = _load_configs(config, set_)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -606,8 +688,12 @@ def run(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if len(configs) > 1:
+        if _host(configs, stop):
+            raise typer.Exit(1)
+        return
     try:
-        Agent(cfg).run(stop)
+        Agent(configs[0]).run(stop)
     except (ModelError, ConfigError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

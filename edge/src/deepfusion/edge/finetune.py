@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +183,8 @@ def _save_checkpoint(
         "python_rng": random.getstate(),
     }
     torch.save(state, partial / "trainer_state.pt")
+    if directory.exists():  # a fresh run (no --resume) into an old output folder replaces its checkpoints
+        shutil.rmtree(directory)
     partial.replace(directory)
 
 

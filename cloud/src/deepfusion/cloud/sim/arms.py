@@ -1,0 +1,327 @@
+"""The comparison: every method trained with the same students, steps, MoE and evaluation code.
+
+    control      public-only: the same students and MoE trained on the round's public windows, no teacher
+    centralized  the same students and MoE trained on the devices' private text itself (upper bound)
+    logit-kd     FedMKT-style: every device's top-k logits distilled straight into the MoE, equal teacher
+                 weights, no features
+    paper        the paper's mode: devices upload weights once, the cloud runs each full-precision device
+                 model on all the public windows itself (top `paper_top_k`, full features)
+    packets      this project: the trainer's release of the federation (knowledge packets over MQTT)
+    packets-α0   the same run with α = 0 (the VAA ablation)
+    oracle       each packets student on its own cluster's domain
+    weight-avg   the element-wise mean of the packets students (a dense model)
+
+All arms start from the same student base and get the same step budget: S phase II steps per student
+and T phase III steps (logit-kd, which has no students, gets K·S + T steps on the MoE).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, Qwen2ForCausalLM
+
+from deepfusion.cloud.data import Batch, RoundIndex, cluster_batches, index_round, one_cluster
+from deepfusion.cloud.merge import merge_students_into_moe
+from deepfusion.cloud.rounds import round_prefix
+from deepfusion.cloud.students import StudentSpec, StudentTrainer
+from deepfusion.cloud.trainer import TrainSpec, all_teachers, evaluate_domains, merge_and_tune, train_students
+from deepfusion.shared.store import ObjectStore
+
+__all__ = ["ArmOutcome", "Arms", "ArmsSetup", "run_arm", "run_arms", "weight_average"]
+
+Scores = dict[str, dict[str, float]]
+
+
+@dataclass
+class ArmOutcome:
+    scores: Scores  # domain -> nll/ppl/acc/tokens
+    wall_s: float
+    students: dict[int, PreTrainedModel] | None = None
+
+
+def window_batches(windows: Sequence[np.ndarray], batch_size: int, seed: int) -> Iterator[Batch]:
+    """Plain language-model batches (no teacher rows) over `windows` in a seeded order."""
+    order = list(range(len(windows)))
+    random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        chunk = [np.asarray(windows[i], dtype=np.int64) for i in order[start : start + batch_size]]
+        lengths = torch.tensor([len(w) for w in chunk])
+        ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
+        for b, w in enumerate(chunk):
+            ids[b, : len(w)] = torch.from_numpy(w)
+        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
+        yield Batch(ids, mask, lengths, [])
+
+
+@torch.no_grad()
+def weight_average(students: Sequence[torch.nn.Module]) -> torch.nn.Module:
+    """The element-wise mean of same-shape students: what merging costs without any routing."""
+    average = copy.deepcopy(students[0])
+    states = [s.state_dict() for s in students]
+    average.load_state_dict({k: torch.stack([s[k].float() for s in states]).mean(0) for k in states[0]})
+    return average.eval()
+
+
+@dataclass
+class Arms:
+    """Everything the arms share; each method is one call."""
+
+    store: ObjectStore
+    federation: str
+    round_id: int
+    index: RoundIndex
+    base: PreTrainedModel
+    init: dict[int, PreTrainedModel]  # cluster -> where its student starts (the base, or last round's)
+    spec: TrainSpec
+    heldout: dict[str, list[np.ndarray]]
+    cluster_domain: dict[int, str]
+    private: dict[str, list[np.ndarray]]  # domain -> private windows of all its devices (centralized only)
+
+    def _epochs(self, index: RoundIndex, student: StudentSpec) -> dict[int, Callable[[int], Iterator[Batch]]]:
+        def of(cluster: int) -> Callable[[int], Iterator[Batch]]:
+            return lambda e: cluster_batches(
+                self.store,
+                index,
+                cluster,
+                batch_size=student.batch_size,
+                tau=student.tau,
+                seed=self.spec.seed + e,
+            )
+
+        return {c: of(c) for c in sorted(index.clusters.members)}
+
+    def public_windows(self) -> list[np.ndarray]:
+        unique: dict[bytes, np.ndarray] = {}
+        for cluster in sorted(self.index.clusters.members):
+            for batch in cluster_batches(self.store, self.index, cluster, batch_size=64, tau=None):
+                for row, length in enumerate(batch.lengths.tolist()):
+                    window = batch.input_ids[row, :length].numpy()
+                    unique[window.tobytes()] = window
+        return list(unique.values())
+
+    def _distill(self, index: RoundIndex, student: StudentSpec) -> ArmOutcome:
+        started = time.perf_counter()
+        torch.manual_seed(self.spec.seed)
+        students, _ = train_students(
+            self._epochs(index, student),
+            self.init,
+            student,
+            stages=index.stages,
+            patches=index.patches,
+            widths=index.feature_widths,
+        )
+        teachers = (
+            all_teachers(self.store, index, self.spec)
+            if student.beta > 0 and self.spec.tune_beta > 0
+            else None
+        )
+        moe, _ = merge_and_tune(students, self.public_windows(), self.spec, teachers=teachers)
+        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started, students)
+
+    def packets_alpha0(self) -> ArmOutcome:
+        return self._distill(self.index, replace(self.spec.student, alpha=0.0))
+
+    def control(self) -> ArmOutcome:
+        """Same windows, steps and MoE; no teacher: β = α = 0 leaves next-token CE only."""
+        return self._distill(self.index, replace(self.spec.student, alpha=0.0, beta=0.0))
+
+    def centralized(self) -> ArmOutcome:
+        started = time.perf_counter()
+        torch.manual_seed(self.spec.seed)
+        student = replace(self.spec.student, alpha=0.0, beta=0.0)
+        epochs = {
+            c: (lambda e, d=domain: window_batches(self.private[d], student.batch_size, self.spec.seed + e))
+            for c, domain in self.cluster_domain.items()
+        }
+        students, _ = train_students(epochs, self.init, student)
+        union = [w for d in sorted(self.private) for w in self.private[d]]
+        moe, _ = merge_and_tune(students, union, self.spec)
+        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started, students)
+
+    def logit_kd(self) -> ArmOutcome:
+        """FedMKT-style: the MoE (built from K copies of the base) learns all devices' top-k directly."""
+        started = time.perf_counter()
+        torch.manual_seed(self.spec.seed)
+        index = index_round(self.store, self.federation, self.round_id, one_cluster(self.index.clusters))
+        students = [cast(Qwen2ForCausalLM, self.init[c]) for c in sorted(self.init)]
+        moe = merge_students_into_moe(students, self.spec.merge, seed=self.spec.seed)
+        clusters = len(self.init)
+        spec = replace(
+            self.spec.student,
+            alpha=0.0,
+            tau=None,
+            steps=clusters * self.spec.student.steps + self.spec.tune_steps,
+        )
+        StudentTrainer(moe, spec, stages=0, patches=1, widths=()).fit(
+            lambda e: cluster_batches(
+                self.store, index, 0, batch_size=spec.batch_size, tau=None, seed=self.spec.seed + e
+            )
+        )
+        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started)
+
+    def paper(
+        self, checkpoints: Mapping[str, Path], public_texts: Sequence[str], top_k: int
+    ) -> tuple[ArmOutcome, int]:
+        """The cloud scores every public window with every device's uploaded full-precision model.
+
+        Returns the outcome and the bytes of teacher knowledge the cloud computed (it never travels).
+        """
+        from deepfusion.edge.backends import load_backend
+        from deepfusion.edge.modelinfo import load_tokenizer
+        from deepfusion.edge.scoring import ScoreSettings, score_texts
+
+        started = time.perf_counter()
+        federation = f"{self.federation}-paper"
+        prefix = round_prefix(federation, self.round_id)
+        spec = self.index
+        computed = 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for device, checkpoint in sorted(checkpoints.items()):
+                tokenizer = load_tokenizer(checkpoint)
+                settings = ScoreSettings(
+                    federation=federation,
+                    round=self.round_id,
+                    device=device,
+                    shard="public",
+                    top_k=top_k,
+                    top_p=None,
+                    stages=spec.stages,
+                    patches=spec.patches,
+                    max_tokens=10**6,
+                    budget=4 * 2**20,  # well under the trainer's 64 MiB decompressed limit per packet
+                )
+                out = Path(tmp) / device
+                with load_backend("torch", checkpoint, threads=1) as backend:
+                    score_texts(backend, tokenizer, public_texts, out, settings)
+                for packet in sorted(out.glob("*.dfk")):
+                    data = packet.read_bytes()
+                    computed += len(data)
+                    sha = hashlib.sha256(data).hexdigest()
+                    self.store.put(f"{prefix}knowledge/{device}/{sha}.dfk", data)
+        clusters = self.index.clusters
+        self.store.put(f"{prefix}clusters.json", clusters.model_dump_json().encode())
+        index = index_round(self.store, federation, self.round_id, clusters)
+        outcome = self._distill(index, self.spec.student)
+        outcome.wall_s = time.perf_counter() - started
+        return outcome, computed
+
+    def scores_of(self, model: torch.nn.Module) -> Scores:
+        return evaluate_domains(model, self.heldout)
+
+
+def majority_domain(members: Sequence[str], domain_of: Mapping[str, str]) -> str:
+    return Counter(domain_of[m] for m in members).most_common(1)[0][0]
+
+
+@dataclass(frozen=True)
+class ArmsSetup:
+    """What a worker process needs to rebuild `Arms` (paths and specs only: it pickles)."""
+
+    store_uri: str
+    federation: str
+    round_id: int
+    base: Path
+    tokenizer: Path
+    test_files: dict[str, Path]
+    max_tokens: int
+    spec: TrainSpec
+    cluster_domain: dict[int, str]
+    private_files: dict[str, list[Path]]  # domain -> its devices' private JSONL
+    checkpoints: dict[str, Path]  # device -> uploaded weights (paper mode)
+    public_texts: tuple[str, ...]
+    paper_top_k: int = 32
+
+    def build(self) -> Arms:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from deepfusion.cloud.data import read_clusters
+        from deepfusion.cloud.evaluate import token_windows
+        from deepfusion.cloud.shards import read_texts
+        from deepfusion.cloud.trainer import previous_students
+        from deepfusion.shared.corpora import read_jsonl
+        from deepfusion.shared.store import open_store
+
+        torch.set_num_threads(1)
+        store = open_store(self.store_uri)
+        clusters = read_clusters(store, self.federation, self.round_id)
+        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer)
+        base = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32).eval()
+        warm = previous_students(store, self.federation, self.round_id, sorted(clusters.members))
+        needed = 4 * self.spec.student.steps * self.spec.student.batch_size
+        private = {
+            domain: token_windows(tokenizer, (d.text for f in files for d in read_jsonl(f)), self.max_tokens)[
+                :needed
+            ]
+            for domain, files in self.private_files.items()
+        }
+        return Arms(
+            store=store,
+            federation=self.federation,
+            round_id=self.round_id,
+            index=index_round(store, self.federation, self.round_id, clusters),
+            base=base,
+            init={c: warm.get(c, base) for c in clusters.members},
+            spec=self.spec,
+            heldout={
+                d: token_windows(tokenizer, read_texts(p), self.max_tokens)
+                for d, p in self.test_files.items()
+            },
+            cluster_domain=self.cluster_domain,
+            private=private,
+        )
+
+
+ArmResult = tuple[Scores, float, int]
+"""(scores by domain, wall seconds, bytes of knowledge the cloud computed itself)"""
+
+
+def run_arm(setup: ArmsSetup, method: str) -> ArmResult:
+    """One arm in this process: (scores by domain, wall seconds, bytes of cloud-computed knowledge)."""
+    arms = setup.build()
+    if method == "paper":
+        outcome, computed = arms.paper(setup.checkpoints, setup.public_texts, setup.paper_top_k)
+        return outcome.scores, outcome.wall_s, computed
+    runs = {
+        "public-only": arms.control,
+        "centralized": arms.centralized,
+        "logit-kd": arms.logit_kd,
+        "packets-alpha0": arms.packets_alpha0,
+    }
+    outcome = runs[method]()
+    return outcome.scores, outcome.wall_s, 0
+
+
+def run_arms(
+    setup: ArmsSetup,
+    methods: Sequence[str],
+    workers: int,
+    on_done: Callable[[str, ArmResult | Exception], None],
+) -> dict[str, ArmResult | Exception]:
+    """Every arm in `workers` spawned processes (they are independent trainings on one core each)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    results: dict[str, ArmResult | Exception] = {}
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+        futures = {pool.submit(run_arm, setup, method): method for method in methods}
+        for future in as_completed(futures):
+            method = futures[future]
+            try:
+                results[method] = future.result()
+            except Exception as exc:  # one failed arm must not lose the others: reported, not raised
+                results[method] = exc
+            on_done(method, results[method])
+    return results

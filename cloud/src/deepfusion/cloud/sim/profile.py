@@ -1,0 +1,134 @@
+"""What a simulated federation is made of: one TOML profile (`configs/demo.toml`, `quick.toml`, `real.toml`).
+
+name = "demo"
+rounds = 1
+[data]       public windows, window length, test windows per domain
+[packets]    k, top-p, J, P
+[finetune]   each device's LoRA fine-tune on its private split
+[student]    phase II: preset, steps, α, β, T, τ
+[moe]        phase III: G, tune steps
+[[devices]]  domain, preset, backend: a template, cycled to give `--devices N`
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from deepfusion.shared.config import Section, load_config
+
+__all__ = ["DeviceTemplate", "SimProfile", "load_profile", "profile_path"]
+
+Domain = Literal["medical", "finance"]
+Backend = Literal["torch", "onnxruntime", "llama_cpp"]
+
+
+class DataSection(Section):
+    public_windows: int = Field(384, ge=4, description="Public sequences handed out in each round.")
+    public_mix: dict[str, float] = Field(
+        {"general": 0.3, "medical": 0.5, "finance": 0.2},
+        description="Share of the public windows taken from each public corpus; close to the corpora's own "
+        "sizes, so the students keep the base's balance between domains.",
+    )
+    max_tokens: int = Field(128, ge=16, description="Tokens per public and test window.")
+    test_windows: int = Field(64, ge=2, description="Held-out windows per domain (fixed before any run).")
+
+
+class PacketSection(Section):
+    top_k: int = Field(16, ge=1, le=1024)
+    top_p: float | None = Field(0.95, gt=0, le=1)
+    stages: int = Field(2, ge=0, description="J")
+    patches: int = Field(4, ge=1, description="P")
+
+
+class FinetuneSection(Section):
+    steps: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    lora_r: int = Field(16, ge=1)
+
+
+class StudentSection(Section):
+    preset: str = Field("student-tiny", description="Qwen2 model-zoo preset of the students and the MoE.")
+    pretrain_steps: int = Field(300, ge=1, description="Base pretraining on public text (cached).")
+    steps: int = Field(150, ge=1, description="Phase II steps per student.")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    alpha: float = Field(0.1, ge=0, description="VAA feature-loss weight.")
+    beta: float = Field(1.0, ge=0, description="Top-k + tail KL weight.")
+    temperature: float = Field(1.0, gt=0)
+    tau: float | None = Field(0.2, gt=0, description="Teacher-quality temperature; unset: equal weights.")
+
+
+class MoeSection(Section):
+    split: int = Field(1, ge=1, description="G: fine-grained experts per student FFN.")
+    tune_steps: int = Field(100, ge=1, description="Phase III steps.")
+    tune_lr: float = Field(5e-4, gt=0)
+    tune_beta: float = Field(
+        1.0,
+        ge=0,
+        description="KL weight of every device's packets while the MoE is tuned (0: next-token loss only).",
+    )
+
+
+class DeviceTemplate(Section):
+    domain: Domain
+    preset: str
+    backend: Backend = "torch"
+
+
+class SimProfile(Section):
+    name: str = Field(..., description="Profile name; the run's results go to results/<name>/.")
+    federation: str = "demo"
+    seed: int = 0
+    rounds: int = Field(1, ge=1)
+    clusters: int = Field(2, ge=1, description="K: knowledge domains = MoE experts per layer.")
+    redundancy: int = Field(2, ge=1, description="R: devices of each cluster scoring each sequence.")
+    round_s: float = Field(900.0, gt=0, description="Round deadline; a quorum closes it at the deadline.")
+    quorum: float = Field(0.8, gt=0, le=1)
+    devices_per_process: int = Field(4, ge=1, description="Edge agents hosted by one device process.")
+    data: DataSection = Field(default_factory=DataSection)
+    packets: PacketSection = Field(default_factory=PacketSection)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    student: StudentSection = Field(default_factory=StudentSection)
+    moe: MoeSection = Field(default_factory=MoeSection)
+    devices: list[DeviceTemplate] = Field(..., min_length=2)
+
+    @model_validator(mode="after")
+    def _both_domains(self) -> SimProfile:
+        domains = {d.domain for d in self.devices}
+        if domains != {"medical", "finance"}:
+            raise ValueError(f"the device template needs medical and finance devices, has {sorted(domains)}")
+        return self
+
+    def fleet(self, count: int | None = None) -> list[tuple[str, DeviceTemplate, int]]:
+        """(device id, template, index of its private share within its domain) for `count` devices."""
+        count = count or len(self.devices)
+        seen: dict[str, int] = {}
+        fleet = []
+        for i in range(count):
+            template = self.devices[i % len(self.devices)]
+            share = seen.get(template.domain, 0)
+            seen[template.domain] = share + 1
+            fleet.append((f"{template.domain[:3]}-{share:02d}", template, share))
+        return fleet
+
+
+def profile_path(name_or_path: str) -> Path:
+    """`demo` -> the packaged `configs/demo.toml`; anything with a suffix is a path."""
+    path = Path(name_or_path)
+    if path.suffix:
+        return path
+    root = Path(__file__).resolve().parents[5] / "configs"
+    return root / f"{name_or_path}.toml"
+
+
+def load_profile(name_or_path: str, overrides: list[str] | None = None) -> SimProfile:
+    path = profile_path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no simulation profile {path}; the profiles are in configs/ (demo, quick, real)"
+        )
+    return load_config(SimProfile, path, overrides or [])

@@ -1,0 +1,269 @@
+"""The simulator's results model and report: metrics.json, report.md, the plots and the terminal table."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from deepfusion.cloud.sim.report import PLOT_FILES, console_table, gain_recovered, write_report
+from deepfusion.cloud.sim.results import (
+    BillRow,
+    Check,
+    DeviceRow,
+    DomainScore,
+    MethodRow,
+    RealSizeRow,
+    RoundPoint,
+    RunResults,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# nll per (method, domain); None: the method was not measured on that domain.
+NLL: dict[str, dict[str, float | None]] = {
+    "base": {"code": 3.0, "medical": 3.2},
+    "public-only": {"code": 2.9, "medical": None},
+    "packets": {"code": 2.6, "medical": 2.9},
+    "oracle": {"code": 2.55, "medical": 2.8},
+    "centralized": {"code": 2.5, "medical": 2.7},
+}
+LABELS = {
+    "base": "Base model",
+    "public-only": "Public data only",
+    "packets": "Packets merge",
+    "oracle": "Oracle merge",
+    "centralized": "Centralized training",
+}
+
+
+def _score(nll: float, acc: float = 0.4321) -> DomainScore:
+    return DomainScore(nll=nll, ppl=math.exp(nll), acc=acc, tokens=1000)
+
+
+def _scores(method: str) -> dict[str, DomainScore]:
+    return {d: _score(v) for d, v in NLL[method].items() if v is not None}
+
+
+def _device(name: str, domain: str, cluster: int, dropped: bool = False) -> DeviceRow:
+    return DeviceRow(
+        device=name,
+        domain=domain,
+        preset="tiny",
+        architecture="llama",
+        backend="torch",
+        cluster=cluster,
+        share_docs=12,
+        finetune_val_before=3.5,
+        finetune_val_after=None,
+        packets=4,
+        uplink_bytes=2_500_000,
+        downlink_bytes=1_000,
+        dropped=dropped,
+        scores={domain: _score(2.75)},
+    )
+
+
+@pytest.fixture
+def results() -> RunResults:
+    rows = [
+        MethodRow(
+            method=m,
+            label=LABELS[m],
+            scores=_scores(m),
+            uplink_bytes_per_device=1_234_567.0 if m == "packets" else None,
+            downlink_bytes_per_device=42_000.0 if m == "packets" else None,
+            wall_s=12.34 if m == "packets" else None,
+        )
+        for m in NLL
+    ]
+    return RunResults(
+        run="unit",
+        profile="quick",
+        started_at=datetime(2025, 5, 6, 7, 8, 9, tzinfo=UTC),
+        wall_s=98.7,
+        domains=["code", "medical"],
+        config={"seed": 0, "rounds": 2},
+        rows=rows,
+        devices=[_device("dev-a", "code", 0), _device("dev-b", "medical", 1, dropped=True)],
+        rounds=[
+            RoundPoint(round=1, method="packets", scores={"code": _score(2.8), "medical": _score(3.0)}),
+            RoundPoint(round=2, method="packets", scores=_scores("packets")),
+        ],
+        bills=[
+            BillRow(method="packets", uplink_bytes=1_234_567, downlink_bytes=42_000, rounds=2),
+            BillRow(method="weight-average", uplink_bytes=270_000_000, downlink_bytes=270_000_000, rounds=2),
+        ],
+        real_sizes=[
+            RealSizeRow(
+                model="SmolLM2-135M",
+                params=135_000_000,
+                weight_bytes=270_000_000,
+                packet_bytes=5_400_000,
+                packets_over_weights=0.02,
+                break_even_tokens=1_234_567,
+                fedjets_bytes=54_000_000,
+                packets_over_fedjets=0.1,
+            )
+        ],
+        clusters={"dev-a": 0, "dev-b": 1},
+        cluster_silhouette=0.61,
+        checks=[
+            Check(name="packets beat base", target="< 3.0", measured="2.6", passed=True),
+            Check(name="packets near oracle", target="< 0.01 nats", measured="0.05 nats", passed=False),
+        ],
+        dropped_devices=["dev-b"],
+    )
+
+
+def _table_line(md: str, section: str, label: str) -> list[str]:
+    """Cells of the row starting with `label` in the table under heading `section`."""
+    body = md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    for line in body.splitlines():
+        if line.startswith(f"| {label} |"):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no row {label!r} under {section!r}")
+
+
+def test_metrics_json_round_trips(results: RunResults, tmp_path: Path) -> None:
+    write_report(results, tmp_path)
+    loaded = RunResults.model_validate_json((tmp_path / "metrics.json").read_text())
+    assert loaded == results
+    assert loaded.row("packets").scores["code"].nll == 2.6
+
+
+def test_report_md_tables(results: RunResults, tmp_path: Path) -> None:
+    md = write_report(results, tmp_path).read_text()
+    assert md.startswith("# DeepFusion simulation: unit")
+    assert "quick" in md and "2025-05-06" in md and "98.7 s" in md
+    for method, label in LABELS.items():
+        cells = _table_line(md, "Comparison", label)
+        for i, domain in enumerate(results.domains):
+            nll = NLL[method][domain]
+            assert cells[1 + 2 * i] == (f"{nll:.3f}" if nll is not None else "—")
+    packets = _table_line(md, "Comparison", "Packets merge")
+    assert packets[1:] == ["2.600", "43.2%", "2.900", "43.2%", "1.2 MB", "42.0 KB", "12.3"]
+    # Missing values: public-only has no medical score, and no bytes or wall time.
+    assert _table_line(md, "Comparison", "Public data only")[3:] == ["—"] * 5
+
+
+def test_gain_recovered_matches_hand_computation(results: RunResults, tmp_path: Path) -> None:
+    md = write_report(results, tmp_path).read_text()
+    # G(code) = 3.0 - 2.5 = 0.5, G(medical) = 3.2 - 2.7 = 0.5; share = (base - row) / G.
+    expected = {
+        "Base model": ["0.0%", "0.0%"],
+        "Public data only": ["20.0%", "—"],
+        "Packets merge": ["80.0%", "60.0%"],
+        "Oracle merge": ["90.0%", "80.0%"],
+        "Centralized training": ["100.0%", "100.0%"],
+    }
+    for label, cells in expected.items():
+        assert _table_line(md, "Gain recovered", label)[1:] == cells
+    shares = gain_recovered(results)
+    assert shares["code"]["packets"] == pytest.approx(80.0)
+    assert shares["medical"]["public-only"] is None
+    without_base = results.model_copy(update={"rows": [r for r in results.rows if r.method != "base"]})
+    assert gain_recovered(without_base) == {}
+    assert "## Gain recovered" not in write_report(without_base, tmp_path / "nobase").read_text()
+
+
+def test_report_md_other_sections(results: RunResults, tmp_path: Path) -> None:
+    md = write_report(results, tmp_path).read_text()
+    dev_b = _table_line(md, "Devices", "dev-b")
+    assert (
+        dev_b[1:3] == ["medical", "tiny"]
+        and dev_b[7:9] == ["3.500", "—"]
+        and dev_b[-3:] == ["yes", "—", "2.750"]
+    )
+    merge = _table_line(md, "Merge judgement", "code")
+    assert merge[1:] == ["2.600", "2.550", "—", "+0.050", "—"]
+    assert _table_line(md, "Merge judgement", "mean")[4] == "+0.075"
+    assert "0.075 nats worse than the oracle" in md
+    assert _table_line(md, "Communication at demo size", "weight-average")[1:4] == [
+        "270.0 MB",
+        "270.0 MB",
+        "2",
+    ]
+    real = _table_line(md, "Communication at real size", "SmolLM2-135M")
+    assert real[1:] == ["135M", "270.0 MB", "5.4 MB", "2.0%", "1,234,567", "54.0 MB", "10.0%"]
+    assert _table_line(md, "Checks", "packets beat base")[-1] == "✓"
+    assert _table_line(md, "Checks", "packets near oracle")[-1] == "✗"
+    assert "1 of 2 passed" in md
+    assert "`dev-b`" in md.split("## Dropped devices", 1)[1]
+    assert "## Scale" not in md
+    for name in PLOT_FILES:
+        assert f"(plots/{name})" in md
+
+
+def test_plots_are_real_pngs(results: RunResults, tmp_path: Path) -> None:
+    write_report(results, tmp_path)
+    for name in PLOT_FILES:
+        path = tmp_path / "plots" / name
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 5_000, name
+        image = _imread(path)
+        colours = np.unique(image.reshape(-1, image.shape[-1]), axis=0)
+        assert len(colours) > 2, name
+
+
+def _pixels(path: Path, colour: str) -> int:
+    from matplotlib.colors import to_rgb
+
+    image = np.asarray(_imread(path))[..., :3]
+    return int((np.abs(image - np.array(to_rgb(colour))).max(axis=-1) < 0.05).sum())
+
+
+def _imread(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return np.asarray(matplotlib.image.imread(path))
+
+
+def test_plots_draw_the_data(results: RunResults, tmp_path: Path) -> None:
+    write_report(results, tmp_path)
+    plots = tmp_path / "plots"
+    # Default colour cycle: C0 is the first series, C1 the second; olive is the public-only reference.
+    assert _pixels(plots / "perplexity_by_round.png", "C0") > 1_000  # the packets curves, both domains
+    assert _pixels(plots / "perplexity_by_round.png", "tab:olive") > 150  # its dashed line
+    assert _pixels(plots / "bytes_per_device.png", "C0") > 10_000  # uplink bars
+    assert _pixels(plots / "bytes_per_device.png", "C1") > 10_000  # downlink bars
+    assert _pixels(plots / "clusters.png", "C0") > 100 and _pixels(plots / "clusters.png", "C1") > 100
+
+
+def test_empty_run_still_writes_everything(tmp_path: Path) -> None:
+    empty = RunResults(
+        run="empty",
+        profile="quick",
+        started_at=datetime(2025, 1, 1, tzinfo=UTC),
+        wall_s=0.0,
+        domains=[],
+        config={},
+        rows=[],
+        devices=[],
+        rounds=[],
+        bills=[],
+        real_sizes=[],
+        clusters={},
+    )
+    md = write_report(empty, tmp_path).read_text()
+    assert "## Comparison" in md and "## Gain recovered" not in md and "## Merge judgement" not in md
+    assert all((tmp_path / "plots" / name).read_bytes()[:8] == PNG_MAGIC for name in PLOT_FILES)
+
+
+def test_console_table(results: RunResults) -> None:
+    console = Console(record=True, width=250)
+    console.print(console_table(results))
+    text = console.export_text()
+    for label in LABELS.values():
+        assert label in text
+    assert "2.600" in text and "1.2 MB" in text and "—" in text
+
+
+def test_row_lookup(results: RunResults) -> None:
+    assert results.row("oracle").label == "Oracle merge"
+    with pytest.raises(KeyError, match="nope"):
+        results.row("nope")

@@ -1,0 +1,70 @@
+"""The simulation profiles: what the shipped configs promise, and how a fleet is drawn from a template."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from deepfusion.cloud.sim.profile import SimProfile, load_profile
+from deepfusion.cloud.students import warmup_cosine
+from deepfusion.cloud.zoo.presets import get_preset
+from deepfusion.shared.config import ConfigError
+
+
+def _architectures(profile: SimProfile, count: int | None = None) -> set[str]:
+    return {get_preset(t.preset).config(4096).model_type for _, t, _ in profile.fleet(count)}
+
+
+def test_the_demo_is_a_mixed_fleet_of_at_least_eight_devices() -> None:
+    demo = load_profile("demo")
+    fleet = demo.fleet()
+    assert len(fleet) >= 8
+    assert len(_architectures(demo)) >= 3
+    assert len({t.backend for _, t, _ in fleet}) >= 2
+    assert {t.domain for _, t, _ in fleet} == {"medical", "finance"}
+
+
+@pytest.mark.parametrize("name", ["quick", "real"])
+def test_every_shipped_profile_loads(name: str) -> None:
+    profile = load_profile(name)
+    assert profile.name == name and profile.rounds >= 1
+    assert len({t.backend for _, t, _ in profile.fleet()}) >= 2
+
+
+def test_the_real_profile_runs_smollm2_devices() -> None:
+    assert {t.preset for t in load_profile("real").devices} == {"smollm2-135m"}
+
+
+def test_fleet_cycles_the_template_and_numbers_shares_per_domain() -> None:
+    fleet = load_profile("demo").fleet(64)
+    ids = [device for device, _, _ in fleet]
+    assert len(set(ids)) == 64
+    for domain in ("medical", "finance"):
+        shares = [share for _, t, share in fleet if t.domain == domain]
+        assert shares == list(range(32))  # every device of a domain owns its own private share
+
+
+def test_a_one_domain_template_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        'name = "bad"\n[[devices]]\ndomain = "medical"\npreset = "tiny-llama"\n'
+        '[[devices]]\ndomain = "medical"\npreset = "tiny-gpt2"\n'
+    )
+    with pytest.raises(ConfigError, match="finance"):
+        load_profile(str(path))
+
+
+def test_unknown_profile_and_unknown_key_are_clear_errors() -> None:
+    with pytest.raises(FileNotFoundError, match="configs/"):
+        load_profile("nonesuch")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_profile("quick", ["student.stepz=3"])
+
+
+def test_warmup_then_cosine_to_a_tenth() -> None:
+    factors = [warmup_cosine(s, warmup=10, total=110) for s in range(120)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))  # never rises after warmup
+    assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1) == factors[119]

@@ -1,0 +1,111 @@
+"""`deepfusion-cloud simulate --quick`: every service a real process, one device killed mid-round, the
+release loadable with plain transformers, and the report complete (about 2-3 minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deepfusion.cloud.rounds import RoundState
+from deepfusion.cloud.sim.results import RunResults
+
+BIN = Path(sys.executable).parent
+DROPPED = "fin-01"
+EXPECTED_ROWS = {
+    "base", "public-only", "centralized", "logit-kd", "paper", "packets", "packets-alpha0", "oracle",
+    "weight-average",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    out = tmp_path_factory.mktemp("results")
+    result = subprocess.run(
+        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--out", str(out), "--drop", DROPPED],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "COLUMNS": "200"},
+    )
+    return result, out / "quick"
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+def test_quick_federation_completes_with_a_dropped_device(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, out = run
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    state = RoundState.model_validate_json(
+        (out / "store" / "quick" / "rounds" / "0" / "state.json").read_text()
+    )
+    assert state.status == "closed" and state.close_reason == "deadline"  # closed on its quorum
+    assert state.release == "r0"
+    stored = {p.parent.name for p in (out / "store" / "quick" / "rounds" / "0" / "knowledge").glob("*/*.dfk")}
+    assert stored == set(state.spec.assignments) - {DROPPED}
+    assert f"dropped {DROPPED}" in result.stdout
+
+    results = RunResults.model_validate_json((out / "metrics.json").read_text())
+    assert results.dropped_devices == [DROPPED]
+    assert {r.method for r in results.rows} >= EXPECTED_ROWS | {f"device:{d}" for d in state.spec.assignments}
+    for row in results.rows:
+        assert set(row.scores) == {"medical", "finance"}, row.method
+    # At toy sizes only training on the private text itself is sure to beat the base (the quality
+    # claims are tested on the default demo, test_demo.py); this checks the evaluation sees learning.
+    centralized, base = results.row("centralized"), results.row("base")
+    for domain in ("medical", "finance"):
+        assert centralized.scores[domain].nll < base.scores[domain].nll, domain
+    packets = results.row("packets")
+    assert packets.uplink_bytes_per_device and packets.uplink_bytes_per_device > 0
+    assert {b.method for b in results.bills} >= {"packets", "paper", "fedjets", "logit-kd", "centralized"}
+    assert any(r.model.startswith("SmolLM2") for r in results.real_sizes)
+    report = (out / "report.md").read_text()
+    assert DROPPED in report and "DeepFusion (packets" in report
+    for plot in ("perplexity_by_round", "bytes_per_device", "clusters"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_quick_release_loads_with_plain_transformers(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, out = run
+    assert result.returncode == 0
+    release = out / "release"
+    moe = AutoModelForCausalLM.from_pretrained(release)
+    tokenizer = AutoTokenizer.from_pretrained(release)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM"
+    prompt = tokenizer("The patients were", return_tensors="pt")
+    generated = moe.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    metrics = json.loads((release / "metrics.json").read_text())
+    assert set(metrics["heldout"]) == {"medical", "finance"}
+
+
+def test_simulate_refuses_an_unknown_device_to_drop(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--out", str(tmp_path), "--drop", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "no such device" in result.stdout
+
+
+def test_simulate_refuses_a_bad_profile_key(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--set", "student.stepz=3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "stepz" in result.stdout
