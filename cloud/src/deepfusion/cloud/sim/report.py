@@ -447,7 +447,7 @@ def _round_series(results: RunResults) -> dict[str, list[RoundPoint]]:
 
 
 def _plot_rounds(results: RunResults, path: Path) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     domains = results.domains or ["(no domain)"]
     series = _round_series(results)
@@ -464,6 +464,8 @@ def _plot_rounds(results: RunResults, path: Path) -> None:
                     ax.axhline(nll, linestyle="--", color=colour, label=_label(results, method))
             ax.set_title(domain)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # Round -1 is the model before federation (the base).
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: "before" if x < 0 else f"{x:.0f}"))
             ax.set_xlabel("round")
             ax.set_ylabel("test log-perplexity (nats/token)")
             ax.grid(alpha=0.3)

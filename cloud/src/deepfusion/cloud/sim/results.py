@@ -72,7 +72,7 @@ class DeviceRow(BaseModel):
 
 
 class RoundPoint(BaseModel):
-    """Scores of a round-based method after one round."""
+    """Scores of a method after round `round`; round -1 is the model before federation."""
 
     round: int
     method: str
