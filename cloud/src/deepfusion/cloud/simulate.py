@@ -19,6 +19,8 @@ __all__ = ["simulate"]
 def simulate(
     profile: str = typer.Option(
         "demo",
+        "--profile",
+        "--preset",
         help="Profile: demo (8 devices, 2 cores), quick (for tests), real (SmolLM2, GPU) or a TOML path.",
     ),
     quick: bool = typer.Option(False, "--quick", help="Shorthand for --profile quick."),
