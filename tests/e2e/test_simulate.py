@@ -1,5 +1,5 @@
 """`deepfusion-cloud simulate --quick`: every service a real process, one device killed mid-round, the
-release loadable with plain transformers, and the report complete (about 2-3 minutes)."""
+release loadable with plain transformers, and the report complete."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,12 +38,35 @@ __all__ = [
     "cluster_batches",
     "index_round",
     "one_cluster",
+    "pad_windows",
     "read_clusters",
+    "round_windows",
 ]
 
 MAX_PACKET_BYTES = 64 * 1024 * 1024
 
 log = logging.getLogger(__name__)
+
+
+def pad_windows(windows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token windows right-padded with 0: input ids [B, L] long, attention mask [B, L], lengths [B]."""
+    lengths = torch.tensor([len(w) for w in windows])
+    ids = torch.zeros(len(windows), int(lengths.max()), dtype=torch.long)
+    for b, w in enumerate(windows):
+        ids[b, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.int64))
+    mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
+    return ids, mask, lengths
+
+
+def round_windows(store: ObjectStore, index: RoundIndex) -> list[np.ndarray]:
+    """Every distinct sequence of the round as token ids (the phase III data)."""
+    unique: dict[bytes, np.ndarray] = {}
+    for cluster in sorted(index.clusters.members):
+        for batch in cluster_batches(store, index, cluster, batch_size=64, tau=None):
+            for row, length in enumerate(batch.lengths.tolist()):
+                window = batch.input_ids[row, :length].numpy()
+                unique[window.tobytes()] = window
+    return list(unique.values())
 
 
 def one_cluster(clusters: ClusterReport) -> ClusterReport:
@@ -234,12 +257,7 @@ def cluster_batches(
                         width=header.feature_width,
                     )
                 )
-        lengths = torch.tensor([len(t) for t in tokens])
-        ids = torch.zeros(len(tokens), int(lengths.max()), dtype=torch.long)
-        for b, t in enumerate(tokens):
-            ids[b, : len(t)] = torch.from_numpy(t.astype(np.int64))
-        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
-        yield Batch(ids, mask, lengths, rows)
+        yield Batch(*pad_windows(tokens), rows)
 
 
 def _standardized(

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from deepfusion.cloud.data import pad_windows
 from deepfusion.cloud.losses import next_token_ce
 
 __all__ = ["evaluate_windows", "token_windows"]
@@ -42,13 +43,7 @@ def evaluate_windows(
     model.eval()
     total_nll, correct, count = 0.0, 0, 0
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start : start + batch_size]
-        width = max(len(w) for w in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for b, w in enumerate(chunk):
-            ids[b, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.int64))
-            mask[b, : len(w)] = 1
+        ids, mask, _ = pad_windows(windows[start : start + batch_size])
         logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
         keep = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
         n = int(keep.sum())

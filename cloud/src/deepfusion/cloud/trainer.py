@@ -32,7 +32,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from deepfusion.cloud.coordinator import release_key
-from deepfusion.cloud.data import Batch, RoundIndex, cluster_batches, index_round, one_cluster, read_clusters
+from deepfusion.cloud.data import (
+    Batch,
+    RoundIndex,
+    cluster_batches,
+    index_round,
+    one_cluster,
+    pad_windows,
+    read_clusters,
+    round_windows,
+)
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
 from deepfusion.cloud.rounds import round_prefix
@@ -44,12 +53,14 @@ __all__ = [
     "MetricsSink",
     "TrainSpec",
     "all_teachers",
+    "download_dir",
     "evaluate_domains",
     "merge_and_tune",
     "previous_students",
     "train_round",
     "train_students",
     "tune_moe",
+    "upload_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,13 +91,13 @@ class TrainSpec:
     """Steps between two metric points sent to the sink."""
 
 
-def _upload_dir(store: ObjectStore, local: Path, prefix: str) -> None:
+def upload_dir(store: ObjectStore, local: Path, prefix: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
             store.put(f"{prefix}{path.relative_to(local).as_posix()}", path.read_bytes())
 
 
-def _download_dir(store: ObjectStore, prefix: str, local: Path) -> None:
+def download_dir(store: ObjectStore, prefix: str, local: Path) -> None:
     for key in store.list(prefix):
         target = local / key[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +121,7 @@ def previous_students(
         if not store.exists(f"{prefix}config.json"):
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            _download_dir(store, prefix, Path(tmp))
+            download_dir(store, prefix, Path(tmp))
             found[cluster] = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     return found
 
@@ -121,28 +132,6 @@ def all_teachers(store: ObjectStore, index: RoundIndex, spec: TrainSpec) -> Epoc
     return lambda e: cluster_batches(
         store, merged, 0, batch_size=spec.tune_batch_size, tau=spec.student.tau, seed=spec.seed + 1000 + e
     )
-
-
-def _public_windows(index: RoundIndex, store: ObjectStore) -> list[np.ndarray]:
-    """Every distinct sequence of the round as token ids (the phase III data)."""
-    unique: dict[bytes, np.ndarray] = {}
-    for cluster in sorted(index.clusters.members):
-        for batch in cluster_batches(store, index, cluster, batch_size=64, tau=None):
-            for row, length in enumerate(batch.lengths.tolist()):
-                window = batch.input_ids[row, :length].numpy()
-                unique[window.tobytes()] = window
-    return list(unique.values())
-
-
-def _sample_batch(windows: Sequence[np.ndarray], rng: np.random.Generator, size: int) -> torch.Tensor:
-    chunk = [windows[i] for i in rng.choice(len(windows), min(size, len(windows)), False)]
-    width = max(len(w) for w in chunk)
-    ids = torch.zeros(len(chunk), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, w in enumerate(chunk):
-        ids[b, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.int64))
-        mask[b, : len(w)] = 1
-    return torch.stack([ids, mask])
 
 
 def tune_moe(
@@ -179,9 +168,11 @@ def tune_moe(
     with tqdm(range(spec.tune_steps), desc=label, unit="step", leave=False, disable=None) as bar:
         for step in bar:
             batch = next(taught) if taught is not None else None
-            ids, mask = (
-                (batch.input_ids, batch.attention_mask) if batch else _sample_batch(windows, rng, size)
-            )
+            if batch is None:
+                chosen = rng.choice(len(windows), min(size, len(windows)), replace=False)
+                ids, mask, _ = pad_windows([windows[k] for k in chosen])
+            else:
+                ids, mask = batch.input_ids, batch.attention_mask
             labels = ids.masked_fill(mask == 0, -100)
             # With labels and output_router_logits, loss = CE + router_aux_loss_coef · load-balancing loss.
             out = moe(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
@@ -355,10 +346,10 @@ def train_round(
         for cluster, student in students.items():
             path = Path(tmp) / "students" / str(cluster)
             student.save_pretrained(path)
-            _upload_dir(store, path, students_prefix(federation, round_id, cluster))
+            upload_dir(store, path, students_prefix(federation, round_id, cluster))
 
         teachers = all_teachers(store, index, spec) if spec.tune_beta > 0 else None
-        windows = _public_windows(index, store)
+        windows = round_windows(store, index)
         moe, report["tune"] = merge_and_tune(students, windows, spec, teachers=teachers, sink=send)
         scores = evaluate_domains(moe, heldout)
         metrics = {f"{domain}.{name}": value for domain, s in scores.items() for name, value in s.items()}
@@ -373,7 +364,7 @@ def train_round(
             json.dumps({"round": round_id, "heldout": scores}, indent=1)
         )
         model_prefix = f"{federation}/releases/{version}/model/"
-        _upload_dir(store, release_dir, model_prefix)
+        upload_dir(store, release_dir, model_prefix)
     note = ReleaseNote(
         federation=federation,
         version=version,

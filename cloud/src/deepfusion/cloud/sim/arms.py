@@ -32,7 +32,15 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, Qwen2ForCausalLM
 
-from deepfusion.cloud.data import Batch, RoundIndex, cluster_batches, index_round, one_cluster
+from deepfusion.cloud.data import (
+    Batch,
+    RoundIndex,
+    cluster_batches,
+    index_round,
+    one_cluster,
+    pad_windows,
+    round_windows,
+)
 from deepfusion.cloud.merge import merge_students_into_moe
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer
@@ -48,7 +56,6 @@ Scores = dict[str, dict[str, float]]
 class ArmOutcome:
     scores: Scores  # domain -> nll/ppl/acc/tokens
     wall_s: float
-    students: dict[int, PreTrainedModel] | None = None
 
 
 def window_batches(windows: Sequence[np.ndarray], batch_size: int, seed: int) -> Iterator[Batch]:
@@ -56,13 +63,7 @@ def window_batches(windows: Sequence[np.ndarray], batch_size: int, seed: int) ->
     order = list(range(len(windows)))
     random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        chunk = [np.asarray(windows[i], dtype=np.int64) for i in order[start : start + batch_size]]
-        lengths = torch.tensor([len(w) for w in chunk])
-        ids = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
-        for b, w in enumerate(chunk):
-            ids[b, : len(w)] = torch.from_numpy(w)
-        mask = (torch.arange(ids.size(1))[None] < lengths[:, None]).long()
-        yield Batch(ids, mask, lengths, [])
+        yield Batch(*pad_windows([windows[i] for i in order[start : start + batch_size]]), [])
 
 
 @torch.no_grad()
@@ -102,15 +103,6 @@ class Arms:
 
         return {c: of(c) for c in sorted(index.clusters.members)}
 
-    def public_windows(self) -> list[np.ndarray]:
-        unique: dict[bytes, np.ndarray] = {}
-        for cluster in sorted(self.index.clusters.members):
-            for batch in cluster_batches(self.store, self.index, cluster, batch_size=64, tau=None):
-                for row, length in enumerate(batch.lengths.tolist()):
-                    window = batch.input_ids[row, :length].numpy()
-                    unique[window.tobytes()] = window
-        return list(unique.values())
-
     def _distill(self, index: RoundIndex, student: StudentSpec) -> ArmOutcome:
         started = time.perf_counter()
         torch.manual_seed(self.spec.seed)
@@ -127,8 +119,8 @@ class Arms:
             if student.beta > 0 and self.spec.tune_beta > 0
             else None
         )
-        moe, _ = merge_and_tune(students, self.public_windows(), self.spec, teachers=teachers)
-        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started, students)
+        moe, _ = merge_and_tune(students, round_windows(self.store, self.index), self.spec, teachers=teachers)
+        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started)
 
     def packets_alpha0(self) -> ArmOutcome:
         return self._distill(self.index, replace(self.spec.student, alpha=0.0))
@@ -148,7 +140,7 @@ class Arms:
         students, _ = train_students(epochs, self.init, student)
         union = [w for d in sorted(self.private) for w in self.private[d]]
         moe, _ = merge_and_tune(students, union, self.spec)
-        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started, students)
+        return ArmOutcome(evaluate_domains(moe, self.heldout), time.perf_counter() - started)
 
     def logit_kd(self) -> ArmOutcome:
         """FedMKT-style: the MoE (built from K copies of the base) learns all devices' top-k directly."""
@@ -216,9 +208,6 @@ class Arms:
         outcome = self._distill(index, self.spec.student)
         outcome.wall_s = time.perf_counter() - started
         return outcome, computed
-
-    def scores_of(self, model: torch.nn.Module) -> Scores:
-        return evaluate_domains(model, self.heldout)
 
 
 def majority_domain(members: Sequence[str], domain_of: Mapping[str, str]) -> str:

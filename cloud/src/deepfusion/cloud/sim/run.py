@@ -192,13 +192,6 @@ def _logit_share(store: ObjectStore, federation: str, sample: int = 24) -> float
     return without / with_features if with_features else 1.0
 
 
-def _download(store: ObjectStore, prefix: str, target: Path) -> None:
-    for key in store.list(prefix):
-        path = target / key[len(prefix) :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(store.get(key))
-
-
 class _Phases:
     def __init__(self, console: Console) -> None:
         self.console, self.started, self.number = console, time.perf_counter(), 0
@@ -229,7 +222,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     from deepfusion.cloud.sim.arms import ArmResult, ArmsSetup, majority_domain, run_arms, weight_average
     from deepfusion.cloud.sim.assets import prepare_assets
     from deepfusion.cloud.sim.report import console_table, write_report
-    from deepfusion.cloud.trainer import evaluate_domains, previous_students
+    from deepfusion.cloud.trainer import download_dir, evaluate_domains, previous_students
     from deepfusion.shared.corpora import read_jsonl, resolve_cache_root
 
     torch.set_num_threads(1)
@@ -368,7 +361,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
 
     release_dir = out / "release"
     shutil.rmtree(release_dir, ignore_errors=True)
-    _download(store, f"{profile.federation}/releases/{last.release}/model/", release_dir)
+    download_dir(store, f"{profile.federation}/releases/{last.release}/model/", release_dir)
     moe = AutoModelForCausalLM.from_pretrained(release_dir, dtype=torch.float32).eval()
     rows.append(
         MethodRow(
