@@ -1,3 +1,8 @@
-"""Fixtures shared by every test package: real servers started on free loopback ports."""
+"""Fixtures shared by every test package: real servers on free loopback ports, corpora and models."""
 
-pytest_plugins = ["tests.fixtures.broker", "tests.fixtures.s3server", "tests.fixtures.assets"]
+pytest_plugins = [
+    "tests.fixtures.broker",
+    "tests.fixtures.s3server",
+    "tests.fixtures.assets",
+    "tests.fixtures.models",
+]

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from deepfusion.cloud.cli import app  # noqa: E402
@@ -27,10 +27,9 @@ from deepfusion.cloud.students import StudentSpec  # noqa: E402
 from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
 from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
 from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
-from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
-from deepfusion.shared.corpora import SplitManifest, read_jsonl  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
+from tests.cloud.tiny import tiny_student  # noqa: E402
 
 FED, ROUND, SHARD = "fed", 0, "pub-0000"
 DEVICES = {"dev-llama": "tiny-llama", "dev-gpt2": "tiny-gpt2"}
@@ -40,36 +39,6 @@ DEVICES = {"dev-llama": "tiny-llama", "dev-gpt2": "tiny-gpt2"}
 def _one_thread() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(scope="module")
-def texts(default_split: tuple[Path, SplitManifest]) -> dict[str, list[str]]:
-    split_dir, split = default_split
-    public = [
-        d.text[:400]
-        for name in ("medical", "general")
-        for d in _take(split_dir / split.public[name].file, 24)
-    ]
-    heldout = [d.text[:400] for d in _take(split_dir / split.test["medical"].file, 12)]
-    return {"public": public, "heldout": heldout}
-
-
-def _take(path: Path, n: int) -> list:
-    out = []
-    for doc in read_jsonl(path):
-        out.append(doc)
-        if len(out) == n:
-            break
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]]) -> Path:
-    tokenizer = train_byte_level_bpe(texts["public"], vocab_size=384)
-    tokenizer.add_special_tokens({"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT})
-    target = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(target)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +86,6 @@ def round_store(
     return str(root / "store")
 
 
-def _base(vocab: int) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(
-        get_preset("student-tiny").config(vocab, num_hidden_layers=2, layer_types=["full_attention"] * 2)
-    ).eval()
-
-
 def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str) -> None:
     store = open_store(round_store)
     both = ClusterReport(
@@ -166,7 +128,8 @@ def test_a_tiny_round_trains_and_releases_a_loadable_moe(
         tune_steps=4,
         tune_batch_size=4,
     )
-    note, report = train_round(store, FED, ROUND, _base(len(tokenizer)), tokenizer, spec, heldout=heldout)
+    base = tiny_student(len(tokenizer))
+    note, report = train_round(store, FED, ROUND, base, tokenizer, spec, heldout=heldout)
 
     for cluster, student in report["students"].items():
         assert student["after"]["medical"]["nll"] < student["before"]["medical"]["nll"] - 0.3, (
@@ -209,7 +172,7 @@ def test_train_command_writes_the_release_and_streams_metrics(
     from tests.fixtures.broker import Inbox
 
     base = tmp_path / "base"
-    _base(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
     test_file = tmp_path / "medical-test.jsonl"
     test_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts["heldout"]))
     inbox = Inbox()
@@ -248,7 +211,7 @@ def test_next_round_starts_from_the_stored_students(tmp_path: Path) -> None:
     from deepfusion.cloud.trainer import previous_students, students_prefix
 
     store = open_store(str(tmp_path / "store"))
-    student = _base(384)
+    student = tiny_student(384)
     student.save_pretrained(tmp_path / "student")
     for path in (tmp_path / "student").iterdir():
         store.put(f"{students_prefix(FED, 2, 1)}{path.name}", path.read_bytes())

@@ -1,5 +1,6 @@
-"""`deepfusion-cloud simulate --quick`: every service a real process, one device killed mid-round, the
-release loadable with plain transformers, and the report complete."""
+"""`deepfusion-cloud simulate --quick --secure`: every service a real process over TLS with one account per
+device and service and broker ACLs, one device killed mid-round, one device hostile (valid packets,
+poisoned knowledge) and quarantined, the release loadable with plain transformers, the report complete."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from deepfusion.cloud.sim.results import RunResults
 
 BIN = Path(sys.executable).parent
 DROPPED = "fin-01"
+HOSTILE = "med-01"
+DEVICES = 6  # three per domain: a cluster needs three members to tell the hostile one from the others
 EXPECTED_ROWS = {
     "base", "public-only", "centralized", "logit-kd", "paper", "packets", "packets-alpha0", "oracle",
-    "weight-average",
+    "weight-average", "undefended",
 }  # fmt: skip
 
 
@@ -29,7 +32,10 @@ EXPECTED_ROWS = {
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("results")
     result = subprocess.run(
-        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--out", str(out), "--drop", DROPPED],
+        [
+            *(str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--secure", "--out", str(out)),
+            *("--devices", str(DEVICES), "--drop", DROPPED, "--poison", HOSTILE),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -40,7 +46,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedP
 
 @pytest.mark.slow
 @pytest.mark.mqtt
-def test_quick_federation_completes_with_a_dropped_device(
+def test_quick_federation_completes_with_a_dropped_and_a_hostile_device(
     run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
     result, out = run
@@ -72,6 +78,31 @@ def test_quick_federation_completes_with_a_dropped_device(
     assert DROPPED in report and "DeepFusion (packets" in report
     for plot in ("perplexity_by_round", "bytes_per_device", "clusters"):
         assert (out / "plots" / f"{plot}.png").stat().st_size > 5000
+
+    # The hostile device's packets are valid (stored like any other), and only the trainer's screening
+    # tells them apart: it quarantines that device alone, and trusting it costs the release.
+    assert HOSTILE in stored
+    assert set(results.quarantined) == {HOSTILE} and results.hostile_device == HOSTILE
+    undefended = results.row("undefended")
+    assert undefended.scores["medical"].nll > packets.scores["medical"].nll + 0.1
+    assert f"`{HOSTILE}`" in report.split("## Teacher screening")[1]
+
+
+@pytest.mark.slow
+def test_quick_federation_ran_over_tls_with_an_account_per_device(
+    run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, out = run
+    assert result.returncode == 0
+    conf = (out / "work" / "mosquitto" / "mosquitto.conf").read_text()
+    assert "require_certificate true" in conf and "acl_file" in conf and "password_file" in conf
+    assert "allow_anonymous true" not in conf
+    log = (out / "work" / "mosquitto" / "mosquitto.log").read_text()
+    devices = {p.parent.name for p in (out / "work" / "agents").glob("*/device.toml")}
+    assert len(devices) == DEVICES
+    for account in devices | {"ingest", "coordinator", "trainer", "observer"}:
+        assert f"u'{account}')" in log, account  # each connected under its own account
+    assert "u''" not in log and "anonymous" not in log.lower()
 
 
 @pytest.mark.slow

@@ -30,31 +30,6 @@ def _one_thread() -> Iterator[None]:
     yield
 
 
-@pytest.fixture(scope="session")
-def federation_tokenizer_dir(asset_cache: Path, default_split: tuple[Path, SplitManifest]) -> Path:
-    from deepfusion.cloud.zoo.tokenizer import federation_tokenizer
-
-    split_dir, split = default_split
-    public = [(split_dir / entry.file, entry) for entry in split.public.values()]
-    return federation_tokenizer(public, asset_cache, 4096)
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(
-    asset_cache: Path, default_split: tuple[Path, SplitManifest], federation_tokenizer_dir: Path
-) -> Path:
-    """The zoo's base-pretrained tiny-llama (cached; trained on first use, 1-2 minutes)."""
-    from deepfusion.cloud.zoo.presets import get_preset
-    from deepfusion.cloud.zoo.pretrain import PretrainSpec, pretrain_base, token_stream
-    from deepfusion.cloud.zoo.tokenizer import load_tokenizer
-
-    split_dir, split = default_split
-    tokenizer = load_tokenizer(federation_tokenizer_dir)
-    texts = (d.text for entry in split.public.values() for d in read_jsonl(split_dir / entry.file))
-    ids = token_stream(tokenizer, texts)
-    return pretrain_base(get_preset("tiny-llama"), federation_tokenizer_dir, ids, asset_cache, PretrainSpec())
-
-
 def random_preset(name: str, tokenizer_dir: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
@@ -115,12 +90,6 @@ def _gguf_export(tmp_path_factory: pytest.TempPathFactory, model: Path, quant: s
     from deepfusion.edge.export.gguf import export_gguf
 
     return export_gguf(model, tmp_path_factory.mktemp(f"gguf-{quant}"), quant=quant)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="session")
-def gguf_q8_0(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Path:
-    """The q8_0 GGUF export of tiny-llama alone (what a device on llama.cpp would typically run)."""
-    return _gguf_export(tmp_path_factory, tiny_llama, "q8_0")
 
 
 @pytest.fixture(scope="session")

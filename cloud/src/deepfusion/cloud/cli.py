@@ -6,6 +6,7 @@ import typer
 
 from deepfusion.cloud import __version__
 from deepfusion.cloud.assets_cli import data_app, models_app
+from deepfusion.cloud.security_cli import device_app, pki_app
 from deepfusion.cloud.services_cli import coordinator, ingest, shards_app, status
 from deepfusion.cloud.simulate import simulate
 from deepfusion.cloud.train_cli import train
@@ -46,6 +47,8 @@ app.command()(coordinator)
 app.command()(status)
 app.add_typer(shards_app, name="shards")
 app.command()(train)
+app.add_typer(pki_app, name="pki")
+app.add_typer(device_app, name="device")
 
 
 def main() -> None:

@@ -50,8 +50,6 @@ __all__ = ["Coordinator", "read_pointer", "read_state", "release_key"]
 
 log = logging.getLogger(__name__)
 
-PRESIGN_MARGIN_S = 3600  # shard URLs outlive the round's deadline by this much
-
 
 def release_key(federation: str, version: str) -> str:
     """Where the trainer announces a finished release: `{fed}/releases/{version}/release.json`."""
@@ -94,6 +92,7 @@ class Coordinator:
         self.clock = clock
         self.client: MqttClient | None = None
         self._index: tuple[int, PacketIndex] | None = None
+        self._signed: tuple[int, datetime] | None = None  # round whose shard URLs were signed, and when
         self.done = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -152,8 +151,7 @@ class Coordinator:
         members = {d: c for d, c in cards.items() if c.tokenizer == tokenizer}
         if len(members) < self.settings.min_devices:
             return f"round {round_id}: waiting for devices ({len(members)}/{self.settings.min_devices})"
-        expiry = int(self.settings.round_s) + PRESIGN_MARGIN_S
-        shards = list_shards(self.store, self.federation, expires_s=expiry)
+        shards = list_shards(self.store, self.federation, expires_s=self.config.store.presign_expiry_s)
         if not shards:
             return f"round {round_id}: waiting for public shards under {self.federation}/shards/"
         assert tokenizer is not None
@@ -195,6 +193,7 @@ class Coordinator:
         self._write_state(state)
         self._write_pointer(round_id)
         self._publish(round_topic(self.federation), encode_message(spec))
+        self._signed = (round_id, now)
         log.info(
             "round %d open: %d devices, %d shards, deadline %s\n%s",
             round_id,
@@ -215,7 +214,11 @@ class Coordinator:
     def _watch(self, state: RoundState) -> str:
         current = self.view.round
         if current is None or current.round != state.round or current.opened_at != state.spec.opened_at:
-            self._publish(round_topic(self.federation), encode_message(state.spec))  # e.g. after a crash
+            self._publish(round_topic(self.federation), encode_message(self._resigned(state.spec)))
+        elif self._signed is None or self._signed[0] != state.round or self._urls_half_expired():
+            resigned = self._resigned(current)
+            if resigned.shards != current.shards:  # a local store's file:// URLs never change
+                self._publish(round_topic(self.federation), encode_message(resigned))
         index = self._index_for(state.round)
         new = index.update(self.store, self.federation, state.round)
         if new:
@@ -248,6 +251,25 @@ class Coordinator:
         )
         self._after_close(closed)
         return f"round {state.round}: closed ({reason})"
+
+    def _urls_half_expired(self) -> bool:
+        assert self._signed is not None
+        return (self.clock() - self._signed[1]).total_seconds() > self.config.store.presign_expiry_s / 2
+
+    def _resigned(self, spec: RoundSpec) -> RoundSpec:
+        """`spec` with freshly presigned shard URLs (same shards, checksums and everything else).
+
+        Devices hold nothing but these short-lived URLs (`store.presign_expiry_s`), so an open round is
+        re-announced with new ones every half lifetime; a device that joins late or resumes after an
+        outage always finds URLs that still work.
+        """
+        fresh = {
+            s.shard: s.url
+            for s in list_shards(self.store, self.federation, expires_s=self.config.store.presign_expiry_s)
+        }
+        self._signed = (spec.round, self.clock())
+        shards = [s.model_copy(update={"url": fresh.get(s.shard, s.url)}) for s in spec.shards]
+        return spec.model_copy(update={"shards": shards})
 
     # -- a closed round ------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import json
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,7 @@ from deepfusion.shared.store import ObjectNotFound, ObjectStore
 
 __all__ = [
     "Batch",
+    "PacketCache",
     "RoundIndex",
     "TeacherRow",
     "cluster_batches",
@@ -139,8 +140,14 @@ class RoundIndex:
         return {width for width, _ in self.moments}
 
 
-def index_round(store: ObjectStore, federation: str, round_id: int, clusters: ClusterReport) -> RoundIndex:
-    """One pass over the round's packets; devices outside the clustering are ignored."""
+def index_round(
+    store: ObjectStore,
+    federation: str,
+    round_id: int,
+    clusters: ClusterReport,
+    exclude: Collection[str] = (),
+) -> RoundIndex:
+    """One pass over the round's packets; devices outside the clustering or in `exclude` are ignored."""
     index = RoundIndex(federation, round_id, clusters)
     for key in store.list(f"{round_prefix(federation, round_id)}knowledge/"):
         if not key.endswith(".dfk"):
@@ -154,7 +161,7 @@ def index_round(store: ObjectStore, federation: str, round_id: int, clusters: Cl
             continue
         h = packet.header
         cluster = clusters.assignment.get(h.device)
-        if cluster is None:
+        if cluster is None or h.device in exclude:
             continue
         index.stages, index.patches = h.stages, h.patches
         for seq in packet.sequences():
@@ -189,7 +196,9 @@ class Batch:
     rows: list[TeacherRow]
 
 
-class _PacketCache:
+class PacketCache:
+    """Decoded packets by store key, the most recently used `size` of them."""
+
     def __init__(self, store: ObjectStore, size: int = 16) -> None:
         self.store, self.size = store, size
         self.items: OrderedDict[str, tuple[PacketHeader, dict[int, SequenceKnowledge]]] = OrderedDict()
@@ -228,7 +237,7 @@ def cluster_batches(
             nll[r, column[device]] = value
     weights = teacher_weights(nll, tau)  # [S, D]
     stats = index.feature_stats()
-    cache = _PacketCache(store, cache_packets)
+    cache = PacketCache(store, cache_packets)
 
     for start in range(0, len(keys), batch_size):
         chunk = list(enumerate(keys[start : start + batch_size], start))

@@ -4,17 +4,22 @@ Planning and the close rule are pure functions; `PacketIndex` reads the store to
 the stored packets cover.
 
 Planning, per cluster c with m members and redundancy r = min(R, m): the cluster must score every
-public sequence r times, r·N sequence-scorings in all. Each member gets a quota proportional to its
-throughput (capped at N: a device never scores a sequence twice), and the quotas are laid end to end
-on a circle of r·N positions, position p meaning sequence p mod N (McNaughton's wrap-around rule).
-A quota of at most N positions never holds two positions of one sequence, so every sequence gets r
-distinct devices of each cluster, the load follows throughput to within one sequence, and each device
-gets at most two contiguous ranges of the concatenated shards.
+public sequence r times, r·N sequence-scorings in all. The sequences are cut into up to 8 stripes;
+in each stripe every member gets a quota proportional to its throughput (capped at the stripe's size:
+a device never scores a sequence twice), and the quotas are laid end to end on a circle of r·n
+positions, position p meaning the stripe's sequence p mod n (McNaughton's wrap-around rule). A quota
+of at most n positions never holds two positions of one sequence, so every sequence gets r distinct
+devices of each cluster and the load follows throughput to within one sequence per stripe. The
+members' order on the circle is shuffled per stripe (seeded): with one fixed order the same devices
+would always score the same sequences together, and the cloud could never tell which of two
+disagreeing devices is the hostile one (`deepfusion.cloud.robust`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Literal
@@ -42,6 +47,7 @@ __all__ = [
 ]
 
 CloseReason = Literal["coverage", "deadline", "deadline-no-quorum"]
+_MAX_STRIPES = 8  # enough partner variety to find a hostile device; few ranges per device
 
 
 def round_prefix(federation: str, round_id: int) -> str:
@@ -121,27 +127,57 @@ def plan_assignments(
         raise ValueError("redundancy must be at least 1")
     total = sum(s.sequences for s in shards)
     offsets = list(np.cumsum([0, *[s.sequences for s in shards]])[:-1].tolist())
-    plan: dict[str, list[ShardAssignment]] = {}
+    spans: dict[str, list[tuple[int, int]]] = {}
     if total == 0:
-        return plan
+        return {}
     by_cluster: dict[int, list[str]] = {}
     for device, cluster in clusters.items():
         by_cluster.setdefault(cluster, []).append(device)
     for _, members in sorted(by_cluster.items()):
         members = sorted(members)
         r = min(redundancy, len(members))
-        quota = quotas(_weights(members, throughput or {}), r * total, total)
-        position = 0
-        for device in members:
-            q = quota[device]
-            if q == 0:
-                continue
-            start = position % total
-            pieces = [(start, start + q)] if start + q <= total else [(start, total), (0, start + q - total)]
-            ranges = [a for lo, hi in sorted(pieces) for a in _to_shards(lo, hi, shards, offsets)]
-            plan[device] = ranges
-            position += q
-    return plan
+        stripes = min(_MAX_STRIPES, len(members), total) if r > 1 else 1
+        bounds = [total * i // stripes for i in range(stripes + 1)]
+        weights = _weights(members, throughput or {})
+        for stripe, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            order = list(members)
+            if stripe:
+                random.Random(stripe).shuffle(order)
+            for device, (a, b) in _wrap_around(order, weights, r, hi - lo):
+                spans.setdefault(device, []).append((lo + a, lo + b))
+    return {
+        device: [a for lo, hi in _merged(pieces) for a in _to_shards(lo, hi, shards, offsets)]
+        for device, pieces in spans.items()
+    }
+
+
+def _wrap_around(
+    order: Sequence[str], weights: Mapping[str, float], r: int, n: int
+) -> Iterable[tuple[str, tuple[int, int]]]:
+    """McNaughton's rule on n sequences: (device, range) pieces, each sequence covered r times."""
+    quota = quotas({d: weights[d] for d in order}, r * n, n)
+    position = 0
+    for device in order:
+        q = quota[device]
+        if q == 0:
+            continue
+        start = position % n
+        if start + q <= n:
+            yield device, (start, start + q)
+        else:
+            yield device, (start, n)
+            yield device, (0, start + q - n)
+        position += q
+
+
+def _merged(pieces: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(pieces):
+        if out and out[-1][1] == lo:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
 
 
 # -- coverage --------------------------------------------------------------------------------------------

@@ -37,6 +37,16 @@ def simulate(
     drop: str = typer.Option(
         None, help="Kill this device's agent mid-round (the round closes on its quorum)."
     ),
+    poison: str = typer.Option(
+        None,
+        help="Make this device hostile: valid packets whose knowledge is pushed towards one token. The "
+        "report adds the release trained without the screening that quarantines it.",
+    ),
+    secure: bool = typer.Option(
+        False,
+        help="Run the broker over TLS with one credential per device and service and ACLs "
+        "(`deepfusion-cloud pki init` / `device add` into results/<run>/work/security).",
+    ),
     baselines: bool = typer.Option(True, help="Train the comparison (control, centralized, KD, paper mode)."),
     workers: int = typer.Option(2, min=1, help="Processes for device builds and baselines (one core each)."),
     overrides: list[str] = typer.Option(
@@ -57,7 +67,15 @@ def simulate(
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
     options = SimOptions(
-        devices=devices, broker=broker, store=store, out=out, drop=drop, baselines=baselines, workers=workers
+        devices=devices,
+        broker=broker,
+        store=store,
+        out=out,
+        drop=drop,
+        poison=poison,
+        secure=secure,
+        baselines=baselines,
+        workers=workers,
     )
     try:
         simulate_run(chosen, options, console)

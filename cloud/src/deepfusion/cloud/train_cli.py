@@ -49,6 +49,15 @@ def train(
     eval_tokens: int = typer.Option(128, help="Window length of the held-out evaluation."),
     publish: bool = typer.Option(True, help="Stream metrics on the trainer/metrics MQTT topic."),
     seed: int = typer.Option(0, help="Seed of the data order and the router init."),
+    screen: bool = typer.Option(
+        True, help="Quarantine devices whose packets disagree with their cluster before distilling."
+    ),
+    screen_factor: float = typer.Option(
+        3.0, min=1.0, help="Quarantine at this many times the cluster's median disagreement..."
+    ),
+    screen_floor: float = typer.Option(
+        0.1, min=0.0, help="...and above this many nats of Jensen-Shannon divergence."
+    ),
 ) -> None:
     """Distill a closed round into K students, merge them into an MoE and write the release."""
     import torch
@@ -89,6 +98,9 @@ def train(
         version=version,
         warm_start=warm_start,
         seed=seed,
+        screen=screen,
+        screen_factor=screen_factor,
+        screen_floor=screen_floor,
     )
     client = None
     if publish:
@@ -105,10 +117,13 @@ def train(
             client.publish(metrics_topic(settings.federation), encode_message(metric))
 
     try:
-        note, _ = train_round(
+        note, report = train_round(
             store, settings.federation, round_id, model, tokenizer, spec, heldout=heldout, sink=sink
         )
     finally:
         if client is not None:
             client.close()
+    if report["quarantined"]:
+        for device, reason in sorted(report["quarantined"].items()):
+            typer.echo(f"quarantined {device}: {reason}")
     typer.echo(f"release {note.version} of round {note.round}: {note.uri}")

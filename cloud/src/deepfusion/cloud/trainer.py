@@ -1,5 +1,7 @@
 """`deepfusion-cloud train --round R`: a closed round's knowledge -> K students -> one MoE release.
 
+    screening  devices whose packets disagree with their cluster (or understate their NLL) are
+               quarantined for the round (robust.py)
     phase II   one dense student per cluster: L = CE + α·FM + β·KL (students.py); round r + 1 starts
                each cluster's student from round r's (kept in the store), round 0 from the base
     merge      students -> Qwen2MoeForCausalLM (merge.py)
@@ -20,7 +22,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,7 @@ from deepfusion.cloud.data import (
 )
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
+from deepfusion.cloud.robust import screen_round, screening_values
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer, batch_kl, warmup_cosine
 from deepfusion.shared.messages import Metrics, ReleaseNote, encode_message
@@ -89,6 +92,12 @@ class TrainSpec:
     """Start round r's students from round r - 1's when the store has them."""
     metrics_every: int = 10
     """Steps between two metric points sent to the sink."""
+    screen: bool = True
+    """Quarantine hostile teachers before phase II (`deepfusion.cloud.robust`); False trusts them all."""
+    screen_factor: float = 3.0
+    """Quarantine a device whose disagreement is this many times its cluster's median..."""
+    screen_floor: float = 0.1
+    """...and above this many nats (mean Jensen-Shannon divergence to its closest partner)."""
 
 
 def upload_dir(store: ObjectStore, local: Path, prefix: str) -> None:
@@ -126,9 +135,11 @@ def previous_students(
     return found
 
 
-def all_teachers(store: ObjectStore, index: RoundIndex, spec: TrainSpec) -> EpochFn:
+def all_teachers(
+    store: ObjectStore, index: RoundIndex, spec: TrainSpec, exclude: Collection[str] = ()
+) -> EpochFn:
     """Phase III batches carrying every clustered device's rows for each sequence of the round."""
-    merged = index_round(store, index.federation, index.round, one_cluster(index.clusters))
+    merged = index_round(store, index.federation, index.round, one_cluster(index.clusters), exclude)
     return lambda e: cluster_batches(
         store, merged, 0, batch_size=spec.tune_batch_size, tau=spec.student.tau, seed=spec.seed + 1000 + e
     )
@@ -309,6 +320,14 @@ def train_round(
         if sink is not None:
             sink(metric.model_copy(update={"federation": federation, "round": round_id}))
 
+    quarantined: dict[str, str] = {}
+    if spec.screen:
+        screening = screen_round(store, index, factor=spec.screen_factor, floor=spec.screen_floor)
+        quarantined = screening.quarantined
+        send(_metric("screening", 0, screening_values(screening)))
+        if quarantined:
+            index = index_round(store, federation, round_id, clusters, exclude=quarantined)
+
     cluster_ids = sorted(clusters.members)
     warm = previous_students(store, federation, round_id, cluster_ids) if spec.warm_start else {}
     init = {c: warm.get(c, base) for c in cluster_ids}
@@ -340,7 +359,11 @@ def train_round(
         sink=send,
         metrics_every=spec.metrics_every,
     )
-    report: dict[str, Any] = {"students": student_reports, "warm_start": sorted(warm)}
+    report: dict[str, Any] = {
+        "students": student_reports,
+        "warm_start": sorted(warm),
+        "quarantined": quarantined,
+    }
     version = spec.version or f"r{round_id}"
     with tempfile.TemporaryDirectory() as tmp:
         for cluster, student in students.items():
@@ -348,11 +371,12 @@ def train_round(
             student.save_pretrained(path)
             upload_dir(store, path, students_prefix(federation, round_id, cluster))
 
-        teachers = all_teachers(store, index, spec) if spec.tune_beta > 0 else None
+        teachers = all_teachers(store, index, spec, quarantined) if spec.tune_beta > 0 else None
         windows = round_windows(store, index)
         moe, report["tune"] = merge_and_tune(students, windows, spec, teachers=teachers, sink=send)
         scores = evaluate_domains(moe, heldout)
         metrics = {f"{domain}.{name}": value for domain, s in scores.items() for name, value in s.items()}
+        metrics["quarantined"] = float(len(quarantined))
         report["moe"] = scores
         if metrics:
             send(_metric("release", 0, metrics))
@@ -361,7 +385,7 @@ def train_round(
         moe.save_pretrained(release_dir)
         tokenizer.save_pretrained(release_dir)
         (release_dir / "metrics.json").write_text(
-            json.dumps({"round": round_id, "heldout": scores}, indent=1)
+            json.dumps({"round": round_id, "heldout": scores, "quarantined": quarantined}, indent=1)
         )
         model_prefix = f"{federation}/releases/{version}/model/"
         upload_dir(store, release_dir, model_prefix)

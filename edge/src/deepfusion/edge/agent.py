@@ -54,6 +54,7 @@ from deepfusion.shared.messages import (
     MessageError,
     RoundSpec,
     ShardAssignment,
+    ShardRef,
     decode_message,
     encode_message,
 )
@@ -158,8 +159,13 @@ class Agent:
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
-    def run(self, stop: threading.Event) -> None:
+    def load_backend(self, name: str, path: Any) -> Any:
+        """The scoring backend `name` on the model at `path` (a subclass may wrap it)."""
         from deepfusion.edge.backends import load_backend
+
+        return load_backend(name, path, threads=self.config.model.threads)
+
+    def run(self, stop: threading.Event) -> None:
         from deepfusion.edge.modelinfo import load_tokenizer, model_info
 
         cfg = self.config
@@ -168,7 +174,7 @@ class Agent:
             name = cfg.model.backend if cfg.model.backend != "auto" else info.backends[0]
             self.tokenizer = load_tokenizer(info.path)
             self.fingerprint = tokenizer_fingerprint(self.tokenizer.get_vocab(with_added_tokens=True))
-            self.backend = load_backend(name, info.path, threads=cfg.model.threads)
+            self.backend = self.load_backend(name, info.path)
         self.model_name = Path(info.path).name
         try:
             card = self._card(info, name)
@@ -314,7 +320,10 @@ class Agent:
         with self._cond:
             current = self._spec
             if current is not None and (current.round, current.opened_at) == (spec.round, spec.opened_at):
-                return  # the retained copy again, after a reconnect
+                # The retained copy again after a reconnect, or the round re-announced with freshly
+                # presigned shard URLs: keep the work going, fetch with the newest URLs.
+                self._spec = spec
+                return
             self._spec = spec
             self._generation += 1
             self._cond.notify_all()
@@ -435,12 +444,11 @@ class Agent:
             sequences_total=total,
             detail="",
         )
-        shards = {s.shard: s for s in spec.shards}
         for assignment in assignments:
             begin = self._resume_at(spec, assignment)
             if begin >= assignment.stop:
                 continue
-            texts = fetch_shard(shards[assignment.shard], self.config.device.state_dir / "shards")
+            texts = fetch_shard(self._shard(spec, assignment.shard), self.config.device.state_dir / "shards")
             stop_at = min(assignment.stop, len(texts))
             done = self._score_assignment(spec, generation, assignment, texts, begin, stop_at, done, stop)
             if stop.is_set() or datetime.now(UTC) >= spec.deadline:
@@ -460,6 +468,14 @@ class Agent:
             total,
             len(self.spool),
         )
+
+    def _shard(self, spec: RoundSpec, name: str) -> ShardRef:
+        """The shard's reference in the newest copy of `spec`: its presigned URL may have been renewed."""
+        with self._cond:
+            latest = self._spec
+        if latest is None or (latest.round, latest.opened_at) != (spec.round, spec.opened_at):
+            latest = spec  # a newer round arrived; this work is about to be cancelled
+        return next(s for s in latest.shards if s.shard == name)
 
     @staticmethod
     def _cursor_key(spec: RoundSpec, assignment: ShardAssignment) -> str:

@@ -5,6 +5,11 @@
         ...
         broker.restart()  # same port; retained messages and persistent sessions survive
 
+    # TLS, passwords and ACLs instead of anonymous access (lines from deepfusion.cloud.security):
+    with EmbeddedBroker(listener_config=listener_lines) as broker:
+        ...
+        broker.reload()  # SIGHUP: mosquitto re-reads its password, ACL and TLS files
+
 It runs the real `mosquitto` binary on a loopback port with queue limits raised: mosquitto's default of
 1,000 queued messages per client silently drops a fast publisher's QoS 1 messages.
 """
@@ -25,11 +30,21 @@ from typing import Any
 
 from deepfusion.shared.config import MqttConfig
 
-__all__ = ["BrokerError", "EmbeddedBroker", "accepts_connections", "find_mosquitto", "free_port"]
+__all__ = [
+    "QUEUE_LIMITS",
+    "BrokerError",
+    "EmbeddedBroker",
+    "accepts_connections",
+    "find_mosquitto",
+    "free_port",
+]
 
 log = logging.getLogger(__name__)
 
 _FALLBACK_BINARY = Path("/usr/sbin/mosquitto")
+
+# Queue limits: the default (1000 messages) silently drops QoS 1 messages of a fast publisher.
+QUEUE_LIMITS = ("max_queued_messages 100000", "max_queued_bytes 0", "max_inflight_messages 100")
 
 
 class BrokerError(RuntimeError):
@@ -67,7 +82,8 @@ class EmbeddedBroker:
 
     `persistence=True` keeps retained messages and persistent sessions across a restart (mosquitto writes
     its database on a clean stop; kill() skips that, like a power cut). `workdir` holds the config, the
-    log and the database; by default a temporary folder removed by close().
+    log and the database; by default a temporary folder removed by close(). `listener_config` replaces
+    the listener's `allow_anonymous true` (e.g. TLS files, password and ACL files).
     """
 
     def __init__(
@@ -77,6 +93,7 @@ class EmbeddedBroker:
         persistence: bool = False,
         workdir: str | Path | None = None,
         extra_config: list[str] | tuple[str, ...] = (),
+        listener_config: list[str] | tuple[str, ...] = ("allow_anonymous true",),
         start_timeout: float = 10.0,
     ) -> None:
         self.host = "127.0.0.1"
@@ -89,6 +106,7 @@ class EmbeddedBroker:
         )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._extra_config = list(extra_config)
+        self._listener_config = list(listener_config)
         self._start_timeout = start_timeout
         self._binary = find_mosquitto()
         self._process: subprocess.Popen[bytes] | None = None
@@ -174,11 +192,8 @@ class EmbeddedBroker:
     def _render_config(self) -> str:
         lines = [
             f"listener {self._port} {self.host}",
-            "allow_anonymous true",
-            # Queue limits: the default (1000 messages) silently drops QoS 1 messages of a fast publisher.
-            "max_queued_messages 100000",
-            "max_queued_bytes 0",
-            "max_inflight_messages 100",
+            *self._listener_config,
+            *QUEUE_LIMITS,
             "log_dest stderr",
             "log_type error",
             "log_type warning",
@@ -202,6 +217,17 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop cleanly (SIGTERM: clients see the connection drop; the database is saved)."""
         self._terminate(signal.SIGTERM, timeout)
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its password and ACL files, TLS certificates and CRL.
+
+        It returns at once; mosquitto reloads within milliseconds and disconnects the connected clients
+        whose account the new password file no longer holds. New connections meet the new files.
+        """
+        if self._process is None or self._process.poll() is not None:
+            raise BrokerError("the broker is not running; nothing to reload")
+        self._process.send_signal(signal.SIGHUP)
+        log.info("mosquitto reloaded url=%s pid=%s", self.url, self._process.pid)
 
     def kill(self) -> None:
         """Stop abruptly (SIGKILL: nothing is saved), as a crash or a power cut would."""

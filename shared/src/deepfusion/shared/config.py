@@ -9,6 +9,7 @@ reason, so a user can fix a config file in one pass.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "TlsConfig",
     "apply_overrides",
     "load_config",
+    "mqtt_toml",
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -144,3 +146,23 @@ def load_config(
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration ({source}):\n{_format_errors(exc)}") from None
+
+
+def mqtt_toml(config: MqttConfig) -> str:
+    """The `[mqtt]` and `[mqtt.tls]` sections of a config file holding `config` (defaults left out).
+
+    The password is written in clear: the file is a credential, to be kept mode 0600.
+    """
+    data = config.model_dump(exclude_defaults=True, exclude={"tls"}, mode="python")
+    if config.password is not None:
+        data["password"] = config.password.get_secret_value()
+    lines = ["[mqtt]", *(f"{key} = {_toml_value(value)}" for key, value in data.items())]
+    if config.tls is not None:
+        tls = config.tls.model_dump(exclude_defaults=True)
+        lines += ["", "[mqtt.tls]", *(f"{key} = {_toml_value(value)}" for key, value in tls.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    # A JSON string is a valid TOML basic string; numbers and booleans are spelled the same in both.
+    return json.dumps(str(value) if isinstance(value, Path) else value)

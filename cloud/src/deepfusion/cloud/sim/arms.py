@@ -8,6 +8,7 @@
                  model on all the public windows itself (top `paper_top_k`, full features)
     packets      this project: the trainer's release of the federation (knowledge packets over MQTT)
     packets-α0   the same run with α = 0 (the VAA ablation)
+    undefended   the same run trusting every device (no screening; run when a device is hostile)
     oracle       each packets student on its own cluster's domain
     weight-avg   the element-wise mean of the packets students (a dense model)
 
@@ -42,6 +43,7 @@ from deepfusion.cloud.data import (
     round_windows,
 )
 from deepfusion.cloud.merge import merge_students_into_moe
+from deepfusion.cloud.robust import screen_round
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer
 from deepfusion.cloud.trainer import TrainSpec, all_teachers, evaluate_domains, merge_and_tune, train_students
@@ -89,6 +91,8 @@ class Arms:
     heldout: dict[str, list[np.ndarray]]
     cluster_domain: dict[int, str]
     private: dict[str, list[np.ndarray]]  # domain -> private windows of all its devices (centralized only)
+    unscreened: RoundIndex  # every clustered device's packets; `index` leaves the quarantined out
+    quarantined: frozenset[str] = frozenset()
 
     def _epochs(self, index: RoundIndex, student: StudentSpec) -> dict[int, Callable[[int], Iterator[Batch]]]:
         def of(cluster: int) -> Callable[[int], Iterator[Batch]]:
@@ -103,7 +107,9 @@ class Arms:
 
         return {c: of(c) for c in sorted(index.clusters.members)}
 
-    def _distill(self, index: RoundIndex, student: StudentSpec) -> ArmOutcome:
+    def _distill(
+        self, index: RoundIndex, student: StudentSpec, exclude: frozenset[str] | None = None
+    ) -> ArmOutcome:
         started = time.perf_counter()
         torch.manual_seed(self.spec.seed)
         students, _ = train_students(
@@ -115,7 +121,7 @@ class Arms:
             widths=index.feature_widths,
         )
         teachers = (
-            all_teachers(self.store, index, self.spec)
+            all_teachers(self.store, index, self.spec, self.quarantined if exclude is None else exclude)
             if student.beta > 0 and self.spec.tune_beta > 0
             else None
         )
@@ -124,6 +130,9 @@ class Arms:
 
     def packets_alpha0(self) -> ArmOutcome:
         return self._distill(self.index, replace(self.spec.student, alpha=0.0))
+
+    def undefended(self) -> ArmOutcome:
+        return self._distill(self.unscreened, self.spec.student, exclude=frozenset())
 
     def control(self) -> ArmOutcome:
         """Same windows, steps and MoE; no teacher: β = α = 0 leaves next-token CE only."""
@@ -146,7 +155,9 @@ class Arms:
         """FedMKT-style: the MoE (built from K copies of the base) learns all devices' top-k directly."""
         started = time.perf_counter()
         torch.manual_seed(self.spec.seed)
-        index = index_round(self.store, self.federation, self.round_id, one_cluster(self.index.clusters))
+        index = index_round(
+            self.store, self.federation, self.round_id, one_cluster(self.index.clusters), self.quarantined
+        )
         students = [cast(Qwen2ForCausalLM, self.init[c]) for c in sorted(self.init)]
         moe = merge_students_into_moe(students, self.spec.merge, seed=self.spec.seed)
         clusters = len(self.init)
@@ -255,11 +266,21 @@ class ArmsSetup:
             ]
             for domain, files in self.private_files.items()
         }
+        index = index_round(store, self.federation, self.round_id, clusters)
+        quarantined = frozenset(
+            screen_round(
+                store, index, factor=self.spec.screen_factor, floor=self.spec.screen_floor
+            ).quarantined
+            if self.spec.screen
+            else ()
+        )
         return Arms(
             store=store,
             federation=self.federation,
             round_id=self.round_id,
-            index=index_round(store, self.federation, self.round_id, clusters),
+            index=index_round(store, self.federation, self.round_id, clusters, quarantined),
+            unscreened=index,
+            quarantined=quarantined,
             base=base,
             init={c: warm.get(c, base) for c in clusters.members},
             spec=self.spec,
@@ -287,6 +308,7 @@ def run_arm(setup: ArmsSetup, method: str) -> ArmResult:
         "centralized": arms.centralized,
         "logit-kd": arms.logit_kd,
         "packets-alpha0": arms.packets_alpha0,
+        "undefended": arms.undefended,
     }
     outcome = runs[method]()
     return outcome.scores, outcome.wall_s, 0

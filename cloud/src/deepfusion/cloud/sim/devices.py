@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepfusion.cloud.sim.profile import FinetuneSection
+from deepfusion.shared.config import MqttConfig, mqtt_toml
 
 __all__ = ["DeviceBuild", "DeviceJob", "build_devices", "write_device_config"]
 
@@ -146,8 +147,7 @@ def finetune_options(section: FinetuneSection) -> dict[str, float | int]:
 def write_device_config(
     build: DeviceBuild,
     federation: str,
-    mqtt_host: str,
-    mqtt_port: int,
+    mqtt: MqttConfig,
     state: Path,
     *,
     uplink_bytes_s: int = 0,
@@ -176,13 +176,9 @@ def write_device_config(
                 "[uplink]",
                 "status_interval_s = 1.0",
                 f"rate_limit_bytes_s = {uplink_bytes_s}",
-                "[mqtt]",
-                f'host = "{mqtt_host}"',
-                f"port = {mqtt_port}",
-                "reconnect_min_s = 0.2",
-                "reconnect_max_s = 2.0",
-                "",
+                mqtt_toml(mqtt.model_copy(update={"reconnect_min_s": 0.2, "reconnect_max_s": 2.0})),
             ]
         )
     )
+    path.chmod(0o600)  # it may hold the device's MQTT password
     return path

@@ -6,7 +6,8 @@ Every service is the real command (`deepfusion-cloud ingest`, `coordinator`, `tr
 run`), started as its own process with a config file, talking only through MQTT and the object store;
 the runner watches the MQTT topics and the store like an operator would and starts the trainer when a
 round closes. A `drop` device is hosted alone, on a throttled uplink, and SIGKILLed the moment it says it
-is scoring, to show a round closing at its deadline on the quorum of the others.
+is scoring, to show a round closing at its deadline on the quorum of the others. A `hostile` device
+runs the real agent through `sim.attack`, publishing valid packets with poisoned knowledge.
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ class FederationPlan:
     rounds: int
     mqtt: MqttConfig
     store: ObjectStore
-    cloud_config: Path
+    cloud_configs: dict[str, Path]  # service (ingest, coordinator, trainer) -> its cloud.toml
     device_configs: dict[str, Path]  # device -> device.toml
     train_args: list[str]  # `deepfusion-cloud train` options besides --round and --config
     logs: Path
     devices_per_process: int = 4
     drop: str | None = None
+    hostile: str | None = None  # device run by `sim.attack` (valid packets, poisoned knowledge)
+    attack_args: list[str] = field(default_factory=list)  # `sim.attack` options besides the config
     timeout_s: float = 3600.0
 
 
@@ -125,15 +128,14 @@ class FederationRunner:
         self.processes[name] = process
         return process
 
-    def _cloud(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        return self._start(
-            name, _python("deepfusion.cloud.cli", *args, "--config", str(self.plan.cloud_config))
-        )
+    def _cloud(self, name: str, service: str, *args: str) -> subprocess.Popen[bytes]:
+        config = str(self.plan.cloud_configs[service])
+        return self._start(name, _python("deepfusion.cloud.cli", *args, "--config", config))
 
     def _start_devices(self) -> None:
         devices = sorted(self.plan.device_configs)
         groups = [[self.plan.drop]] if self.plan.drop else []
-        rest = [d for d in devices if d != self.plan.drop]
+        rest = [d for d in devices if d not in (self.plan.drop, self.plan.hostile)]
         size = self.plan.devices_per_process
         groups += [rest[i : i + size] for i in range(0, len(rest), size)]
         for number, group in enumerate(groups):
@@ -141,6 +143,10 @@ class FederationRunner:
             args = [a for d in group for a in ("--config", str(self.plan.device_configs[d]))]
             self._start(name, _python("deepfusion.edge.cli", "run", *args, "--log-level", "warning"))
             self.hosts[name] = group
+        if self.plan.hostile:
+            config = str(self.plan.device_configs[self.plan.hostile])
+            self._start("hostile", _python("deepfusion.cloud.sim.attack", config, *self.plan.attack_args))
+            self.hosts["hostile"] = [self.plan.hostile]
 
     def _log_tail(self, name: str, lines: int = 25) -> str:
         text = (self.plan.logs / f"{name}.log").read_text(errors="replace").splitlines()
@@ -201,8 +207,8 @@ class FederationRunner:
         announced: set[tuple[int, str]] = set()
         last_line = ""
         try:
-            self._cloud("ingest", "ingest")
-            self._cloud("coordinator", "coordinator")
+            self._cloud("ingest", "ingest", "ingest")
+            self._cloud("coordinator", "coordinator", "coordinator")
             self._start_devices()
             console.print(
                 f"[bold]services[/] ingest, coordinator and {len(plan.device_configs)} devices in "
@@ -282,7 +288,7 @@ class FederationRunner:
         self.console.print(f"[bold]trainer[/] round {round_id}: phase II students, merge, phase III")
         started = time.perf_counter()
         name = f"trainer-r{round_id}"
-        process = self._cloud(name, "train", "--round", str(round_id), *self.plan.train_args)
+        process = self._cloud(name, "trainer", "train", "--round", str(round_id), *self.plan.train_args)
         seen = 0
         while process.poll() is None:
             time.sleep(2.0)

@@ -383,6 +383,17 @@ def _dropped_section(results: RunResults) -> list[str]:
     return ["## Dropped devices", "", body, ""]
 
 
+def _screening_section(results: RunResults) -> list[str]:
+    """Which devices the trainer quarantined, and the hostile one when the run had one."""
+    lines = ["## Teacher screening", ""]
+    if results.hostile_device:
+        lines += [f"Hostile device (poisoned packets): `{results.hostile_device}`.", ""]
+    if not results.quarantined:
+        return [*lines, "No device quarantined.", ""]
+    rows = [[f"`{d}`", reason] for d, reason in sorted(results.quarantined.items())]
+    return [*lines, *_md_table(["quarantined", "why"], rows), ""]
+
+
 def _plots_section() -> list[str]:
     lines = ["## Plots", ""]
     for name in PLOT_FILES:
@@ -410,6 +421,7 @@ def render_markdown(results: RunResults) -> str:
         _scale_section,
         _checks_section,
         _dropped_section,
+        _screening_section,
     )
     lines = [line for section in sections for line in section(results)]
     return "\n".join([*lines, *_plots_section(), *_config_section(results)]).rstrip() + "\n"

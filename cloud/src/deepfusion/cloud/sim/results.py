@@ -126,6 +126,8 @@ class RunResults(BaseModel):
     cluster_silhouette: float | None = None
     checks: list[Check] = []
     dropped_devices: list[str] = []
+    hostile_device: str | None = None  # the device that published poisoned packets, if any
+    quarantined: dict[str, str] = {}  # device -> why the trainer's screening left it out
     release: str | None = None  # release directory or URI
 
     def row(self, method: str) -> MethodRow:

@@ -7,6 +7,7 @@ assets -> devices (fine-tune, export) -> federation (broker, store, services, ro
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from deepfusion.cloud.sim.results import (
     ScalePoint,
 )
 from deepfusion.shared.broker import EmbeddedBroker
-from deepfusion.shared.config import MqttConfig
+from deepfusion.shared.config import MqttConfig, mqtt_toml
 from deepfusion.shared.packets import decode, encode
 from deepfusion.shared.store import ObjectStore, open_store
 
@@ -52,6 +53,10 @@ ARMS = {
     "packets-alpha0": ("DeepFusion packets, α = 0 (no VAA)", "the VAA ablation of the packets run"),
     "paper": ("DeepFusion paper mode (weights uploaded once)", "the cloud scores all public windows itself"),
 }
+UNDEFENDED = (
+    "DeepFusion packets, no screening",
+    "every device trusted, the hostile one included",
+)
 MAX_PACKET = 64 * 2**20
 
 
@@ -62,6 +67,8 @@ class SimOptions:
     store: str | None = None  # None: results/<run>/store
     out: Path = Path("results")
     drop: str | None = None  # device to kill mid-round
+    poison: str | None = None  # device that publishes poisoned knowledge (`sim.attack`)
+    secure: bool = False  # TLS, one credential per device and service, broker ACLs
     baselines: bool = True
     paper_top_k: int = 32
     workers: int = 2
@@ -107,9 +114,10 @@ def _fresh(store: ObjectStore, *federations: str) -> None:
 
 def _cloud_toml(profile: SimProfile, mqtt: MqttConfig, store_uri: str, devices: int) -> str:
     top_p = "" if profile.packets.top_p is None else f"top_p = {profile.packets.top_p}\n"
+    mqtt = mqtt.model_copy(update={"reconnect_min_s": 0.2, "reconnect_max_s": 2.0})
     return (
         f'federation = "{profile.federation}"\n'
-        f'[mqtt]\nhost = "{mqtt.host}"\nport = {mqtt.port}\nreconnect_min_s = 0.2\nreconnect_max_s = 2.0\n'
+        f"{mqtt_toml(mqtt)}"
         f'[store]\nuri = "{store_uri}"\n'
         f"[ingest]\nstats_interval_s = 1.0\n"
         f"[coordinator]\nclusters = {profile.clusters}\nredundancy = {profile.redundancy}\n"
@@ -218,6 +226,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deepfusion.cloud.security import broker_listener_config
     from deepfusion.cloud.shards import publish_texts
     from deepfusion.cloud.sim.arms import ArmResult, ArmsSetup, majority_domain, run_arms, weight_average
     from deepfusion.cloud.sim.assets import prepare_assets
@@ -229,8 +238,13 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     started_at, started = datetime.now(UTC), time.perf_counter()
     fleet = profile.fleet(options.devices)
     names = [d for d, _, _ in fleet]
-    if options.drop is not None and options.drop not in names:
-        raise ValueError(f"--drop {options.drop}: no such device (devices: {', '.join(names)})")
+    for flag, device in (("--drop", options.drop), ("--poison", options.poison)):
+        if device is not None and device not in names:
+            raise ValueError(f"{flag} {device}: no such device (devices: {', '.join(names)})")
+    if options.secure and options.broker is not None:
+        raise ValueError("--secure starts its own broker with the generated TLS and ACL setup; drop --broker")
+    if options.drop is not None and options.drop == options.poison:
+        raise ValueError("--drop and --poison name the same device; pick two")
     out = options.out.resolve() / profile.name
     work = out / "work"
     per_domain = max(sum(t.domain == d for _, t, _ in fleet) for d in ("medical", "finance"))
@@ -269,15 +283,33 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     store_uri = options.store or str(out / "store")
     store = open_store(store_uri)
     _fresh(store, profile.federation, f"{profile.federation}-paper")
-    embedded = EmbeddedBroker(workdir=work / "mosquitto").start() if options.broker is None else None
+    security = work / "security" if options.secure else None
+    accounts = _enroll(security, profile.federation, names) if security else {}
+    listener = broker_listener_config(security) if security else ["allow_anonymous true"]
+    embedded = (
+        EmbeddedBroker(workdir=work / "mosquitto", listener_config=listener).start()
+        if options.broker is None
+        else None
+    )
     mqtt = embedded.config() if embedded is not None else _mqtt(options.broker or "")
+
+    def account(name: str) -> MqttConfig:
+        """`name`'s credentials on this broker (anonymous when the run is not secured)."""
+        if name not in accounts:
+            return mqtt
+        return accounts[name].model_copy(update={"host": mqtt.host, "port": mqtt.port})
+
     where = "embedded mosquitto " if embedded else ""
-    console.print(f"  broker {where}mqtt://{mqtt.host}:{mqtt.port}, store {store_uri}")
+    scheme = "mqtts (TLS, one account per device and service, ACLs)" if security else "mqtt"
+    console.print(f"  broker {where}{scheme}://{mqtt.host}:{mqtt.port}, store {store_uri}")
     try:
         shards = publish_texts(store, profile.federation, assets.public_texts, name="public", per_shard=256)
         console.print(f"  {len(assets.public_texts)} public sequences in {len(shards)} shards")
-        cloud_config = work / "cloud.toml"
-        cloud_config.write_text(_cloud_toml(profile, mqtt, store_uri, len(fleet)))
+        cloud_configs = {}
+        for service in ("ingest", "coordinator", "trainer"):
+            cloud_configs[service] = work / f"cloud-{service}.toml"
+            cloud_configs[service].write_text(_cloud_toml(profile, account(service), store_uri, len(fleet)))
+            cloud_configs[service].chmod(0o600)
         device_configs = {}
         for device, b in builds.items():
             state = work / "agents" / device
@@ -285,19 +317,21 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
             # The device to drop is on a slow link, so it is killed with its packets still unsent.
             slow = 2048 if device == options.drop else 0
             device_configs[device] = write_device_config(
-                b, profile.federation, mqtt.host, mqtt.port, state, uplink_bytes_s=slow
+                b, profile.federation, account(device), state, uplink_bytes_s=slow
             )
         plan = FederationPlan(
             federation=profile.federation,
             rounds=profile.rounds,
-            mqtt=mqtt,
+            mqtt=account("observer"),
             store=store,
-            cloud_config=cloud_config,
+            cloud_configs=cloud_configs,
             device_configs=device_configs,
             train_args=_train_args(profile, assets.student_base, assets.tokenizer_dir, assets.test_files),
             logs=out / "logs",
             devices_per_process=profile.devices_per_process,
             drop=options.drop,
+            hostile=options.poison,
+            attack_args=["--target", str(_poison_target(assets.tokenizer_dir))],
             timeout_s=profile.round_s * profile.rounds + 3600,
         )
         outcome = FederationRunner(plan, console).run()
@@ -413,12 +447,15 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         "packets-alpha0": down,
         "paper": 0.0,
     }
+    methods = dict(ARMS) | ({"undefended": UNDEFENDED} if options.poison else {})
+    bills_up["undefended"], bills_down["undefended"] = up, down
     computed = 0
     failed: list[str] = []
     if options.baselines:
         step(
             "baselines",
-            f"{len(ARMS)} methods, same students, steps, MoE and test windows, {options.workers} at a time",
+            f"{len(methods)} methods, same students, steps, MoE and test windows, "
+            f"{options.workers} at a time",
         )
         setup = ArmsSetup(
             store_uri=store_uri,
@@ -440,14 +477,15 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
 
         def done(method: str, result: ArmResult | Exception) -> None:
             if isinstance(result, Exception):
-                console.print(f"  [red]{ARMS[method][0]} failed:[/] {result}", highlight=False)
+                console.print(f"  [red]{methods[method][0]} failed:[/] {result}", highlight=False)
             else:
-                console.print(f"  {ARMS[method][0]}: {result[1]:.0f} s")
+                console.print(f"  {methods[method][0]}: {result[1]:.0f} s")
 
         # Longest first (measured on the demo), so two workers finish together.
         order = ["paper", "logit-kd", "packets-alpha0", "public-only", "centralized"]
+        order[1:1] = [m for m in methods if m not in order]
         for method, result in run_arms(setup, order, options.workers, done).items():
-            label, note = ARMS[method]
+            label, note = methods[method]
             if isinstance(result, Exception):
                 failed.append(method)
                 rows.append(MethodRow(method=method, label=label, scores={}, note=f"failed: {result}"))
@@ -466,8 +504,8 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
                 )
             )
             points.append(RoundPoint(round=last.round, method=method, scores=rows[-1].scores))
-        rows = rows[: len(rows) - len(ARMS)] + sorted(
-            rows[len(rows) - len(ARMS) :], key=lambda r: list(ARMS).index(r.method)
+        rows = rows[: len(rows) - len(methods)] + sorted(
+            rows[len(rows) - len(methods) :], key=lambda r: list(methods).index(r.method)
         )
 
     rounds = len(outcome.states)
@@ -530,6 +568,8 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         clusters=dict(clusters.assignment),
         cluster_silhouette=clusters.silhouette,
         dropped_devices=outcome.dropped,
+        hostile_device=options.poison,
+        quarantined=json.loads((release_dir / "metrics.json").read_text()).get("quarantined", {}),
         release=str(release_dir),
         scale=[
             ScalePoint(
@@ -547,6 +587,23 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     if failed:
         raise RuntimeError(f"baselines failed: {', '.join(failed)} (the report has the rest and the errors)")
     return results
+
+
+def _enroll(folder: Path, federation: str, devices: list[str]) -> dict[str, MqttConfig]:
+    """A fresh federation CA and broker setup in `folder`, and every account's MQTT credentials."""
+    from deepfusion.cloud.security import SERVICE_ROLES, add_device, init_security, service_mqtt_config
+
+    init_security(folder, federation, force=True)
+    accounts = {role.value: service_mqtt_config(folder, role.value) for role in SERVICE_ROLES}
+    return accounts | {device: add_device(folder, device) for device in devices}
+
+
+def _poison_target(tokenizer_dir: Path) -> int:
+    """The token a hostile device pushes: the commonest English word, so every test window has it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return int(tokenizer(" the")["input_ids"][0])
 
 
 def _gain(results: RunResults, method: str, domain: str) -> float | None:
