@@ -1,12 +1,15 @@
-"""Fixtures of the trainer tests: public and held-out text from the default split, a tiny tokenizer."""
+"""Fixtures of the trainer tests: public and held-out text from the default split, a tiny tokenizer, and
+a closed round scored by two random-init device models through the edge scorer."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
 from deepfusion.shared.corpora import SplitManifest, read_jsonl
+from deepfusion.shared.store import open_store
 
 
 def _take(path: Path, n: int) -> list:
@@ -39,3 +42,54 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, texts: dict[str, lis
     target = tmp_path_factory.mktemp("tokenizer")
     tokenizer.save_pretrained(target)
     return target
+
+
+@pytest.fixture(scope="module")
+def round_store(
+    tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]], tokenizer_dir: Path
+) -> str:
+    """A local store holding one closed round: 2 device models' packets and 2 clusters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deepfusion.cloud.cluster import ClusterReport
+    from deepfusion.cloud.zoo.presets import get_preset
+    from deepfusion.edge.backends import load_backend
+    from deepfusion.edge.scoring import ScoreSettings, score_texts
+    from tests.cloud.tiny import DEVICES, FED, ROUND, SHARD
+
+    root = tmp_path_factory.mktemp("round")
+    store = open_store(str(root / "store"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for i, (device, preset) in enumerate(DEVICES.items()):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(get_preset(preset).config(len(tokenizer)))
+        model_dir = root / device
+        model.save_pretrained(model_dir)
+        settings = ScoreSettings(
+            federation=FED,
+            round=ROUND,
+            device=device,
+            shard=SHARD,
+            top_k=8,
+            stages=2,
+            patches=2,
+            max_tokens=96,
+        )
+        out = root / f"packets-{device}"
+        with load_backend("torch", model_dir, threads=1) as backend:
+            score_texts(backend, tokenizer.backend_tokenizer, texts["public"], out, settings)
+        for packet in sorted(out.glob("*.dfk")):
+            data = packet.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{sha}.dfk", data)
+    clusters = ClusterReport(
+        k=2,
+        assignment={"dev-llama": 0, "dev-gpt2": 1},
+        members={0: ["dev-llama"], 1: ["dev-gpt2"]},
+        sizes={0: 1, 1: 1},
+        silhouette=None,
+        centroids=[[1.0, 0.0], [0.0, 1.0]],
+    )
+    store.put(f"{FED}/rounds/{ROUND}/clusters.json", clusters.model_dump_json().encode())
+    return str(root / "store")

@@ -3,7 +3,6 @@ packets land in a local store, and the trainer distills, merges, tunes and write
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,64 +25,15 @@ from deepfusion.cloud.merge import MergeSpec  # noqa: E402
 from deepfusion.cloud.students import StudentSpec  # noqa: E402
 from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
 from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
-from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
-from tests.cloud.tiny import tiny_student  # noqa: E402
-
-FED, ROUND, SHARD = "fed", 0, "pub-0000"
-DEVICES = {"dev-llama": "tiny-llama", "dev-gpt2": "tiny-gpt2"}
+from tests.cloud.tiny import DEVICES, FED, ROUND, tiny_student  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-@pytest.fixture(scope="module")
-def round_store(
-    tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]], tokenizer_dir: Path
-) -> str:
-    """A local store holding one closed round: 2 device models' packets and 2 clusters."""
-    from deepfusion.edge.backends import load_backend
-    from deepfusion.edge.scoring import ScoreSettings, score_texts
-
-    root = tmp_path_factory.mktemp("round")
-    store = open_store(str(root / "store"))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    for i, (device, preset) in enumerate(DEVICES.items()):
-        torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_config(get_preset(preset).config(len(tokenizer)))
-        model_dir = root / device
-        model.save_pretrained(model_dir)
-        settings = ScoreSettings(
-            federation=FED,
-            round=ROUND,
-            device=device,
-            shard=SHARD,
-            top_k=8,
-            stages=2,
-            patches=2,
-            max_tokens=96,
-        )
-        out = root / f"packets-{device}"
-        with load_backend("torch", model_dir, threads=1) as backend:
-            score_texts(backend, tokenizer.backend_tokenizer, texts["public"], out, settings)
-        for packet in sorted(out.glob("*.dfk")):
-            data = packet.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{sha}.dfk", data)
-    clusters = ClusterReport(
-        k=2,
-        assignment={"dev-llama": 0, "dev-gpt2": 1},
-        members={0: ["dev-llama"], 1: ["dev-gpt2"]},
-        sizes={0: 1, 1: 1},
-        silhouette=None,
-        centroids=[[1.0, 0.0], [0.0, 1.0]],
-    )
-    store.put(f"{FED}/rounds/{ROUND}/clusters.json", clusters.model_dump_json().encode())
-    return str(root / "store")
 
 
 def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str) -> None:
@@ -220,3 +170,62 @@ def test_next_round_starts_from_the_stored_students(tmp_path: Path) -> None:
     assert sorted(found) == [1]  # cluster 0 had no student in round 2
     for (name, a), (_, b) in zip(found[1].state_dict().items(), student.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+class _Killed(Exception):
+    """Stands in for the process dying."""
+
+
+def test_a_killed_training_resumes_to_the_same_release(
+    round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path
+) -> None:
+    import shutil
+
+    from deepfusion.cloud.checkpoints import Checkpoints
+    from deepfusion.shared.messages import Metrics
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    heldout = {"medical": token_windows(tokenizer, texts["heldout"], max_tokens=96)}
+    spec = TrainSpec(
+        student=StudentSpec(steps=12, batch_size=4, lr=3e-3, alpha=0.1, vaa=VAAConfig(width=32)),
+        tune_steps=3,
+        tune_batch_size=4,
+        checkpoint_every=4,
+        metrics_every=1,
+    )
+    stores = {}
+    for name in ("whole", "resumed"):
+        shutil.copytree(round_store, tmp_path / name)
+        stores[name] = open_store(str(tmp_path / name))
+    base = tiny_student(len(tokenizer))
+    whole, _ = train_round(stores["whole"], FED, ROUND, base, tokenizer, spec, heldout=heldout)
+
+    def die_in_cluster_1(metric: Metrics) -> None:
+        if metric.phase == "phase II cluster 1" and metric.step == 7:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_round(
+            stores["resumed"], FED, ROUND, tiny_student(len(tokenizer)), tokenizer, spec,
+            heldout=heldout, sink=die_in_cluster_1,
+        )  # fmt: skip
+    stored = Checkpoints(stores["resumed"], FED, ROUND, fingerprint="any")
+    left = {key.rsplit("/", 1)[1] for key in stores["resumed"].list(stored.prefix)}
+    assert left == {"cluster-0.pt", "cluster-1.pt"}
+
+    seen: list[Metrics] = []
+    resumed, _ = train_round(
+        stores["resumed"], FED, ROUND, tiny_student(len(tokenizer)), tokenizer, spec,
+        heldout=heldout, sink=seen.append,
+    )  # fmt: skip
+    phase_two = [(m.phase, m.step) for m in seen if m.phase.startswith("phase II")]
+    assert phase_two[0] == ("phase II cluster 1", 5)  # cluster 0 was done; cluster 1 goes on after step 4
+    assert not list(stores["resumed"].list(stored.prefix))  # checkpoints removed with the release written
+    assert resumed.metrics["medical.nll"] == pytest.approx(whole.metrics["medical.nll"], abs=1e-6)
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(tmp_path / name / FED / "releases" / "r0" / "model")
+        for name in stores
+    }
+    reference = models["whole"].state_dict()
+    for key, value in models["resumed"].state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)

@@ -1,4 +1,4 @@
-"""A tiny Qwen2 student for trainer tests (2 layers of the student-tiny preset, seeded)."""
+"""The tiny round of the trainer tests: its names, and a tiny Qwen2 student (2 layers, seeded)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from deepfusion.cloud.zoo.presets import get_preset
+
+FED, ROUND, SHARD = "fed", 0, "pub-0000"
+DEVICES = {"dev-llama": "tiny-llama", "dev-gpt2": "tiny-gpt2"}  # device -> preset, one per cluster
 
 
 def tiny_student(vocab: int) -> Qwen2ForCausalLM:

@@ -20,7 +20,7 @@ import logging
 import random
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -194,6 +194,21 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     lengths: torch.Tensor  # [B]
     rows: list[TeacherRow]
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch with every tensor on `device` (itself when already there)."""
+        if self.input_ids.device == device:
+            return self
+        rows = [
+            replace(
+                r,
+                topk_ids=r.topk_ids.to(device),
+                topk_logprobs=r.topk_logprobs.to(device),
+                features=None if r.features is None else r.features.to(device),
+            )
+            for r in self.rows
+        ]
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths.to(device), rows)
 
 
 class PacketCache:

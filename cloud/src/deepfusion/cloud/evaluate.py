@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from deepfusion.cloud.data import pad_windows
+from deepfusion.cloud.hardware import autocast
 from deepfusion.cloud.losses import next_token_ce
 
 __all__ = ["evaluate_windows", "token_windows"]
@@ -42,9 +43,11 @@ def evaluate_windows(
     was_training = model.training
     model.eval()
     total_nll, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
     for start in range(0, len(windows), batch_size):
-        ids, mask, _ = pad_windows(windows[start : start + batch_size])
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+        ids, mask, _ = (t.to(device) for t in pad_windows(windows[start : start + batch_size]))
+        with autocast(device):
+            logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
         keep = (mask[:, :-1] * mask[:, 1:]).bool()  # [B, L-1]
         n = int(keep.sum())
         total_nll += float(next_token_ce(logits, ids, mask)) * n

@@ -42,8 +42,9 @@ error of about ½·(s²H/β²)·ε/m in q and v, below float32 rounding for the 
 a wider attention than a native DeepSeek-V3 of that size (latent H + 1, rotary key n_kv·d) and unusual
 weight scales (q_b/kv_b weights ×r ≈ 100), which phase III tunes as they are. Students with rope scaling
 or sliding-window attention are refused for this target. DeepSeek-V3 in transformers 4.57 has no
-load-balancing aux loss (`output_router_logits` is ignored; balancing is `e_score_correction_bias`, kept
-at 0), so phase III on it trains with the next-token loss only.
+load-balancing aux loss (`output_router_logits` is ignored; balancing is `e_score_correction_bias`, 0
+after the merge), so phase III on it trains with the next-token loss, plus DeepSeek-V3's aux-loss-free
+bias update when `TrainSpec.bias_update` > 0 (balance.py).
 
 The result is a stock transformers model: `save_pretrained` writes a checkpoint that loads with
 `AutoModelForCausalLM.from_pretrained`, with no DeepFusion code.

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from deepfusion.cloud.data import Batch
+from deepfusion.cloud.hardware import autocast
 from deepfusion.cloud.losses import bucket_kl, feature_mse, next_token_ce
 from deepfusion.cloud.vaa import VAAConfig, ViewAlignedAttention, backbone_grad_ratio, stage_indices
 
@@ -71,14 +73,15 @@ def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> to
         return logits.new_zeros(())
     k = max(r.topk_ids.size(1) for r in batch.rows)
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, L, V]
+    device = logits.device
     seqs, positions, ids, lps, weights = [], [], [], [], []
     for r in batch.rows:
         n, kr = r.topk_ids.shape
-        seqs.append(torch.full((n,), r.seq))
-        positions.append(torch.arange(n))
-        ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
-        lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
-        weights.append(torch.full((n,), r.weight / n))
+        seqs.append(torch.full((n,), r.seq, device=device))
+        positions.append(torch.arange(n, device=device))
+        ids.append(nn.functional.pad(r.topk_ids.to(device), (0, k - kr)))  # [n, k]
+        lps.append(nn.functional.pad(r.topk_logprobs.to(device), (0, k - kr), value=-math.inf))
+        weights.append(torch.full((n,), r.weight / n, device=device))
     top = torch.cat(ids).clamp(0, logits.size(-1) - 1)  # [N, k]
     student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top]  # [N, k]
     per_token = bucket_kl(student, torch.cat(lps), vocab=logits.size(-1), temperature=temperature)  # [N]
@@ -100,12 +103,15 @@ class StudentTrainer:
         self.vaa: ViewAlignedAttention | None = None
         self.stage_ids: tuple[int, ...] = ()
         self.steps = 0
+        self.device = next(student.parameters()).device  # the student's: CPU, or a GPU with bf16
         widths = sorted(set(widths))
         if spec.alpha > 0 and stages > 0 and widths:
             J = min(stages, student.config.num_hidden_layers)
             vaa_config = VAAConfig(**{**spec.vaa.__dict__, "stages": J, "patches": patches})
             teacher_widths = {family_of(w): w for w in widths}
-            self.vaa = ViewAlignedAttention(vaa_config, student.config.hidden_size, teacher_widths)
+            self.vaa = ViewAlignedAttention(vaa_config, student.config.hidden_size, teacher_widths).to(
+                self.device
+            )
             self.stage_ids = stage_indices(student.config.num_hidden_layers, J)
         params = list(student.parameters()) + (list(self.vaa.parameters()) if self.vaa else [])
         self.optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -114,15 +120,17 @@ class StudentTrainer:
         )
 
     def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        out = self.student(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            output_hidden_states=self.vaa is not None,
-        )
-        logits = out.logits  # [B, L, V]
-        ce = next_token_ce(logits, batch.input_ids, batch.attention_mask)
-        kl = self._kl(logits, batch)
-        fm = self._fm(out.hidden_states, batch) if self.vaa is not None else logits.new_zeros(())
+        batch = batch.to(self.device)
+        with autocast(self.device):  # the losses upcast the logits to float32 themselves
+            out = self.student(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                output_hidden_states=self.vaa is not None,
+            )
+            logits = out.logits  # [B, L, V]
+            ce = next_token_ce(logits, batch.input_ids, batch.attention_mask)
+            kl = self._kl(logits, batch)
+            fm = self._fm(out.hidden_states, batch) if self.vaa is not None else logits.new_zeros(())
         total = ce + self.spec.beta * kl + self.spec.alpha * fm
         return {"loss": total, "ce": ce, "kl": kl, "fm": fm}
 
@@ -148,6 +156,24 @@ class StudentTrainer:
         terms = [w * feature_mse(p[None], t[None]) for p, t, w in zip(preds, targets, weights, strict=True)]
         return torch.stack(terms).sum() / batch.input_ids.size(0)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `fit` needs to continue exactly where it stopped (with its history)."""
+        return {
+            "student": self.student.state_dict(),
+            "vaa": self.vaa.state_dict() if self.vaa is not None else {},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        if self.vaa is not None:
+            self.vaa.load_state_dict(state["vaa"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = int(state["steps"])
+
     def step(self, batch: Batch) -> dict[str, float]:
         self.student.train()
         losses = self.losses(batch)
@@ -168,19 +194,33 @@ class StudentTrainer:
         epoch: Callable[[int], Iterable[Batch]],
         *,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        history: Sequence[dict[str, float]] = (),
+        on_checkpoint: Callable[[list[dict[str, float]]], None] | None = None,
+        checkpoint_every: int = 0,
     ) -> list[dict[str, float]]:
-        """`spec.steps` steps over `epoch(e)` (a fresh batch iterator per epoch, e = 0, 1, ...)."""
-        history: list[dict[str, float]] = []
+        """`spec.steps` steps over `epoch(e)` (a fresh batch iterator per epoch, e = 0, 1, ...).
+
+        Resuming: after `load_state_dict`, pass the `history` saved with it; the batches those steps
+        used are skipped (epochs are seeded, so the data order is the same) and training goes on as if
+        it had never stopped. `on_checkpoint(history)` is called every `checkpoint_every` steps.
+        """
+        history = list(history)
+        skip = len(history)
         e = 0
         while len(history) < self.spec.steps:
             produced = False
             for batch in epoch(e):
                 produced = True
+                if skip:
+                    skip -= 1
+                    continue
                 history.append(self.step(batch))
                 if on_step is not None:
                     on_step(len(history), history[-1])
                 if len(history) >= self.spec.steps:
                     break
+                if on_checkpoint is not None and checkpoint_every and len(history) % checkpoint_every == 0:
+                    on_checkpoint(history)
             if not produced:
                 raise ValueError("the cluster has no sequences to train on")
             e += 1

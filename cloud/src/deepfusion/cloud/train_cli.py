@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast, get_args
 
 import typer
 
@@ -41,6 +42,12 @@ def train(
     temperature: float = typer.Option(1.0, help="Distillation temperature T."),
     tau: float = typer.Option(0.2, help="Teacher-quality temperature; <= 0 gives equal weights."),
     split: int = typer.Option(1, help="G: fine-grained experts per student FFN."),
+    architecture: str = typer.Option(
+        "qwen2_moe", help="The release's MoE: qwen2_moe (Qwen2MoeForCausalLM) or deepseek_v3."
+    ),
+    bias_update: float = typer.Option(
+        0.0, min=0.0, help="DeepSeek-V3 only: aux-loss-free expert-bias update rate in phase III (0: off)."
+    ),
     version: str = typer.Option(None, help="Release version (default r{round})."),
     warm_start: bool = typer.Option(True, help="Start from the previous round's students when stored."),
     eval_sets: list[str] = typer.Option(
@@ -49,6 +56,15 @@ def train(
     eval_tokens: int = typer.Option(128, help="Window length of the held-out evaluation."),
     publish: bool = typer.Option(True, help="Stream metrics on the trainer/metrics MQTT topic."),
     seed: int = typer.Option(0, help="Seed of the data order and the router init."),
+    checkpoint_every: int = typer.Option(
+        50, min=0, help="Phase II steps between checkpoints in the object store (0: none)."
+    ),
+    device: str = typer.Option(
+        "auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N; on a GPU with bf16 autocast."
+    ),
+    resume: bool = typer.Option(
+        True, help="Continue a killed run of this round from its checkpoints; --no-resume starts over."
+    ),
     screen: bool = typer.Option(
         True, help="Quarantine devices whose packets disagree with their cluster before distilling."
     ),
@@ -59,12 +75,17 @@ def train(
         0.1, min=0.0, help="...and above this many nats of Jensen-Shannon divergence."
     ),
 ) -> None:
-    """Distill a closed round into K students, merge them into an MoE and write the release."""
+    """Distill a closed round into K students, merge them into an MoE and write the release.
+
+    Under `torchrun --nproc-per-node N -m deepfusion.cloud.cli train ...` the students are shared
+    among the N processes and phase III runs sharded (FSDP); the release is the same."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from deepfusion.cloud.distributed import Ranks
     from deepfusion.cloud.evaluate import token_windows
-    from deepfusion.cloud.merge import MergeSpec
+    from deepfusion.cloud.hardware import move, resolve_device
+    from deepfusion.cloud.merge import Architecture, MergeSpec
     from deepfusion.cloud.settings import load_cloud_config
     from deepfusion.cloud.shards import read_texts
     from deepfusion.cloud.students import StudentSpec
@@ -74,11 +95,18 @@ def train(
     from deepfusion.shared.store import open_store
     from deepfusion.shared.topics import metrics_topic
 
+    if architecture not in get_args(Architecture):
+        choices = ", ".join(get_args(Architecture))
+        raise typer.BadParameter(f"{architecture!r}; one of {choices}", param_hint="--architecture")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sets = _eval_sets(eval_sets)
     settings = load_cloud_config(config, overrides)
     store = open_store(settings.store)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    try:
+        where = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    model = move(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), where)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base)
     heldout = {d: token_windows(tokenizer, read_texts(p), eval_tokens) for d, p in sets.items()}
     spec = TrainSpec(
@@ -91,7 +119,7 @@ def train(
             temperature=temperature,
             tau=tau if tau > 0 else None,
         ),
-        merge=MergeSpec(split=split),
+        merge=MergeSpec(split=split, architecture=cast(Architecture, architecture)),
         tune_steps=tune_steps,
         tune_lr=tune_lr,
         tune_beta=tune_beta,
@@ -100,11 +128,14 @@ def train(
         seed=seed,
         screen=screen,
         screen_factor=screen_factor,
+        checkpoint_every=checkpoint_every,
         screen_floor=screen_floor,
     )
+    ranks = Ranks.from_env()
     client = None
     if publish:
-        client = MqttClient(settings.mqtt, f"trainer-{settings.federation}")
+        suffix = f"-{ranks.rank}" if ranks.world > 1 else ""
+        client = MqttClient(settings.mqtt, f"trainer-{settings.federation}{suffix}")
         try:
             client.connect(timeout=5)
         except MqttError as exc:
@@ -118,11 +149,22 @@ def train(
 
     try:
         note, report = train_round(
-            store, settings.federation, round_id, model, tokenizer, spec, heldout=heldout, sink=sink
+            store,
+            settings.federation,
+            round_id,
+            model,
+            tokenizer,
+            spec,
+            heldout=heldout,
+            sink=sink,
+            ranks=ranks,
         )
     finally:
         if client is not None:
             client.close()
+        ranks.close()
+    if not ranks.main:
+        return
     if report["quarantined"]:
         for device, reason in sorted(report["quarantined"].items()):
             typer.echo(f"quarantined {device}: {reason}")

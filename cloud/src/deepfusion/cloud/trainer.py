@@ -6,13 +6,15 @@
                each cluster's student from round r's (kept in the store), round 0 from the base
     merge      students -> Qwen2MoeForCausalLM (merge.py)
     phase III  experts frozen; router, attention, embeddings, norms and head trained on the round's
-               public tokens with next-token loss + the load-balancing aux loss
+               public tokens with next-token loss + the load-balancing aux loss (Qwen2-MoE) or the
+               aux-loss-free expert-bias update (DeepSeek-V3, `bias_update`)
     release    save_pretrained + tokenizer + metrics.json under `{fed}/releases/{version}/model/`, then
                `{fed}/releases/{version}/release.json` (a ReleaseNote) that the coordinator publishes
 
 The pieces (`train_students`, `merge_and_tune`) are also what the simulator's baselines reuse, so every
-arm of a comparison trains through the same code. Checkpoint/resume and multi-process training are not
-implemented.
+arm of a comparison trains through the same code. Phase II checkpoints to the store every
+`checkpoint_every` steps, and a restarted run resumes there (checkpoints.py) with the same result;
+phase III, minutes at most, restarts from the merge. Multi-process training is not implemented.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, Qwen2ForCausalLM
 
+from deepfusion.cloud.balance import BiasBalancer
+from deepfusion.cloud.checkpoints import Checkpoints
 from deepfusion.cloud.coordinator import release_key
 from deepfusion.cloud.data import (
     Batch,
@@ -44,7 +48,9 @@ from deepfusion.cloud.data import (
     read_clusters,
     round_windows,
 )
+from deepfusion.cloud.distributed import Ranks
 from deepfusion.cloud.evaluate import evaluate_windows
+from deepfusion.cloud.hardware import autocast, move
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
 from deepfusion.cloud.robust import screen_round, screening_values
 from deepfusion.cloud.rounds import round_prefix
@@ -72,6 +78,7 @@ MetricsSink = Callable[[Metrics], None]
 """Where training metrics go as they are measured (the CLI publishes them on `trainer/metrics`)."""
 
 EpochFn = Callable[[int], Iterable[Batch]]
+Heldout = Mapping[str, Sequence[np.ndarray]] | None
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,12 @@ class TrainSpec:
     """Quarantine a device whose disagreement is this many times its cluster's median..."""
     screen_floor: float = 0.1
     """...and above this many nats (mean Jensen-Shannon divergence to its closest partner)."""
+    checkpoint_every: int = 50
+    """Phase II steps between two checkpoints in the store (0: none)."""
+    resume: bool = True
+    """Continue from the round's stored checkpoints (a killed run); False discards them first."""
+    bias_update: float = 0.0
+    """Phase III on a DeepSeek-V3 MoE: the aux-loss-free expert-bias update rate (0: off; balance.py)."""
 
 
 def upload_dir(store: ObjectStore, local: Path, prefix: str) -> None:
@@ -153,9 +166,14 @@ def tune_moe(
     teachers: EpochFn | None = None,
     sink: MetricsSink | None = None,
     label: str = "phase III",
+    ranks: Ranks = Ranks(),
 ) -> list[float]:
     """Phase III: experts (routed and shared) frozen; everything else trained with CE + aux loss, plus
-    `spec.tune_beta` × the teachers' KL when `teachers` gives batches with teacher rows."""
+    `spec.tune_beta` × the teachers' KL when `teachers` gives batches with teacher rows.
+
+    Under several `ranks` the MoE is sharded with FSDP and each rank trains on its share of the same
+    global batches; the CE is normalised by the global batch's token count, so the averaged gradients
+    are the single-process ones. Returns the losses (averaged over ranks)."""
     if not windows:
         raise ValueError("phase III needs public windows to tune on")
     for name, param in moe.named_parameters():
@@ -164,6 +182,7 @@ def tune_moe(
         param.requires_grad = not any(
             part in name for part in (".experts.", ".shared_expert.", ".shared_experts.")
         )
+    ranks.shard_model(moe, list(cast(Any, moe).model.layers))
     params = [p for p in moe.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec.tune_lr)
     warmup = min(10, spec.tune_steps // 10 + 1)
@@ -173,6 +192,9 @@ def tune_moe(
     rng = np.random.default_rng(spec.seed)
     size = spec.tune_batch_size
     taught = _endless(teachers) if teachers is not None and spec.tune_beta > 0 else None
+    aux_coef = float(getattr(cast(Any, moe).config, "router_aux_loss_coef", 0.0))
+    device = next(moe.parameters()).device
+    balancer = BiasBalancer(moe, spec.bias_update, world=ranks.world) if spec.bias_update > 0 else None
     losses: list[float] = []
     moe.train()
     tokens, started = 0, time.perf_counter()
@@ -181,30 +203,45 @@ def tune_moe(
             batch = next(taught) if taught is not None else None
             if batch is None:
                 chosen = rng.choice(len(windows), min(size, len(windows)), replace=False)
-                ids, mask, _ = pad_windows([windows[k] for k in chosen])
-            else:
-                ids, mask = batch.input_ids, batch.attention_mask
-            labels = ids.masked_fill(mask == 0, -100)
-            # With labels and output_router_logits, loss = CE + router_aux_loss_coef · load-balancing loss.
-            out = moe(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
-            loss = out.loss
-            if batch is not None:
-                loss = loss + spec.tune_beta * batch_kl(out.logits, batch, spec.student.temperature)
+                batch = Batch(*pad_windows([windows[k] for k in chosen]), [])
+            predicted = int((batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).sum())
+            local = ranks.slice(batch).to(device)
+            with autocast(device):
+                out = moe(
+                    input_ids=local.input_ids, attention_mask=local.attention_mask, output_router_logits=True
+                )
+                loss = _summed_ce(out.logits, local) * ranks.world / max(predicted, 1)
+                if getattr(out, "aux_loss", None) is not None:
+                    loss = loss + aux_coef * out.aux_loss  # the load-balancing loss
+                if local.rows:
+                    loss = loss + spec.tune_beta * batch_kl(out.logits, local, spec.student.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
-            tokens += int(mask.sum())
+            if balancer is not None:
+                balancer.step()
+            losses.append(ranks.mean(float(loss.detach())))
+            tokens += int(batch.attention_mask.sum())
             rate = tokens / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{rate:,.0f}")
             if sink is not None and (step + 1) % spec.metrics_every == 0:
                 sink(_metric(label, step + 1, {"loss": losses[-1], "tokens_per_s": rate}))
+    if balancer is not None:
+        balancer.close()
     moe.eval()
     for param in moe.parameters():
         param.requires_grad = True
     return losses
+
+
+def _summed_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Next-token cross-entropy summed over the predicted tokens (both tokens real) of `batch`."""
+    mask = batch.attention_mask
+    labels = batch.input_ids[:, 1:].masked_fill((mask[:, :-1] * mask[:, 1:]) == 0, -100)
+    pred = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+    return torch.nn.functional.cross_entropy(pred, labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def _endless(epochs: EpochFn) -> Iterator[Batch]:
@@ -242,24 +279,24 @@ def train_students(
     heldout: Mapping[str, Sequence[np.ndarray]] | None = None,
     sink: MetricsSink | None = None,
     metrics_every: int = 10,
+    seed: int = 0,
+    checkpoints: Checkpoints | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[dict[int, PreTrainedModel], dict[int, dict[str, Any]]]:
-    """Phase II: one student per cluster, trained in sequence from a copy of `init[cluster]`."""
+    """Phase II: one student per cluster, trained in sequence from a copy of `init[cluster]`.
+
+    With `checkpoints`, each cluster's state is saved every `checkpoint_every` steps and when it is
+    done, and a stored state is resumed instead of starting over; the result is the same either way.
+    """
     students: dict[int, PreTrainedModel] = {}
     reports: dict[int, dict[str, Any]] = {}
-    widths = tuple(widths)
     for cluster in sorted(epochs):
+        torch.manual_seed(seed + cluster)  # the VAA's init must not depend on the clusters before it
         student = copy.deepcopy(init[cluster])
         trainer = StudentTrainer(student, spec, stages=stages, patches=patches, widths=widths)
-        before = evaluate_domains(student, heldout)
-        with tqdm(total=spec.steps, desc=f"student {cluster}", unit="step", leave=False, disable=None) as bar:
-
-            def on_step(step: int, losses: dict[str, float], bar: Any = bar, cluster: int = cluster) -> None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("loss", "kl", "fm")})
-                if sink is not None and (step % metrics_every == 0 or "fm_ce_grad" in losses):
-                    sink(_metric(f"phase II cluster {cluster}", step, losses))
-
-            history = trainer.fit(epochs[cluster], on_step=on_step)
+        run = _StudentRun(cluster, trainer, checkpoints, checkpoint_every, sink, metrics_every)
+        history, before = run.resume(heldout)
+        history = run.finish(epochs[cluster], history, before)
         after = evaluate_domains(student, heldout)
         ratios = [h["fm_ce_grad"] for h in history if "fm_ce_grad" in h]
         reports[cluster] = {"history": history, "before": before, "after": after, "fm_ce_grad": ratios}
@@ -274,6 +311,58 @@ def train_students(
     return students, reports
 
 
+@dataclass
+class _StudentRun:
+    """One cluster's phase II: progress bar, metrics and checkpoints around `StudentTrainer.fit`."""
+
+    cluster: int
+    trainer: StudentTrainer
+    checkpoints: Checkpoints | None
+    checkpoint_every: int
+    sink: MetricsSink | None
+    metrics_every: int
+    done: bool = False
+
+    def resume(self, heldout: Heldout) -> tuple[list[dict[str, float]], Any]:
+        """The stored history and before-scores, with the trainer restored; or a fresh start."""
+        saved = self.checkpoints.load(self.cluster) if self.checkpoints is not None else None
+        if saved is None:
+            return [], evaluate_domains(self.trainer.student, heldout)
+        self.trainer.load_state_dict(saved["trainer"])
+        self.done = bool(saved["done"])
+        log.info("cluster %d: resumed at step %d", self.cluster, len(saved["history"]))
+        return list(saved["history"]), saved["before"]
+
+    def finish(self, epochs: EpochFn, history: list[dict[str, float]], before: Any) -> list[dict[str, float]]:
+        spec = self.trainer.spec
+        if not self.done:
+            with tqdm(
+                total=spec.steps, initial=len(history), desc=f"student {self.cluster}", unit="step",
+                leave=False, disable=None,
+            ) as bar:  # fmt: skip
+                history = self.trainer.fit(
+                    epochs,
+                    on_step=partial(self._on_step, bar),
+                    history=history,
+                    on_checkpoint=partial(self._save, before=before),
+                    checkpoint_every=self.checkpoint_every,
+                )
+            self._save(history, before=before, done=True)
+        self.trainer.student.eval()
+        return history
+
+    def _on_step(self, bar: Any, step: int, losses: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items() if k in ("loss", "kl", "fm")})
+        if self.sink is not None and (step % self.metrics_every == 0 or "fm_ce_grad" in losses):
+            self.sink(_metric(f"phase II cluster {self.cluster}", step, losses))
+
+    def _save(self, history: list[dict[str, float]], *, before: Any, done: bool = False) -> None:
+        if self.checkpoints is not None:
+            state = {"trainer": self.trainer.state_dict(), "history": history, "before": before, "done": done}
+            self.checkpoints.save(self.cluster, state)
+
+
 def merge_and_tune(
     students: Mapping[int, PreTrainedModel],
     windows: Sequence[np.ndarray],
@@ -281,12 +370,22 @@ def merge_and_tune(
     *,
     teachers: EpochFn | None = None,
     sink: MetricsSink | None = None,
+    ranks: Ranks = Ranks(),
 ) -> tuple[PreTrainedModel, list[float]]:
-    """Phase III: the students (in cluster order) merged into one MoE, then tuned on `windows`."""
-    moe = merge_students_into_moe(
-        [cast(Qwen2ForCausalLM, students[c]) for c in sorted(students)], spec.merge, seed=spec.seed
-    )
-    return moe, tune_moe(moe, windows, spec, teachers=teachers, sink=sink)
+    """Phase III: the students (in cluster order) merged into one MoE, then tuned on `windows`.
+
+    Under several ranks the tuned weights are gathered into an unsharded MoE on rank 0 (the other ranks
+    get the untuned merge back)."""
+    ordered = [cast(Qwen2ForCausalLM, students[c]) for c in sorted(students)]
+    moe = move(merge_students_into_moe(ordered, spec.merge, seed=spec.seed), ordered[0].device)
+    if ranks.world == 1:
+        return moe, tune_moe(moe, windows, spec, teachers=teachers, sink=sink)
+    unsharded = copy.deepcopy(moe)
+    losses = tune_moe(moe, windows, spec, teachers=teachers, sink=sink, ranks=ranks)
+    state = ranks.full_state(moe)
+    if ranks.main:
+        unsharded.load_state_dict(state)
+    return unsharded, losses
 
 
 def train_round(
@@ -299,10 +398,13 @@ def train_round(
     *,
     heldout: Mapping[str, Sequence[np.ndarray]] | None = None,
     sink: MetricsSink | None = None,
+    ranks: Ranks = Ranks(),
 ) -> tuple[ReleaseNote, dict[str, Any]]:
     """Train and publish the release of one closed round. Returns the note and a report of the run.
 
     `heldout` maps a domain to its test windows; the release's metrics are `{domain}.nll`, `.ppl`, `.acc`.
+    Under several `ranks` (torchrun), each rank trains its share of the students and phase III runs
+    sharded (distributed.py); rank 0 writes the release, and every rank returns its note.
     """
     if not isinstance(base, Qwen2ForCausalLM):
         raise TypeError(
@@ -324,12 +426,20 @@ def train_round(
     if spec.screen:
         screening = screen_round(store, index, factor=spec.screen_factor, floor=spec.screen_floor)
         quarantined = screening.quarantined
-        send(_metric("screening", 0, screening_values(screening)))
+        if ranks.main:
+            send(_metric("screening", 0, screening_values(screening)))
         if quarantined:
             index = index_round(store, federation, round_id, clusters, exclude=quarantined)
 
     cluster_ids = sorted(clusters.members)
+    # Settings that change phase II invalidate its checkpoints; the rest (phase III, version) do not.
+    fingerprint = repr((spec.student, spec.seed, spec.warm_start, sorted(quarantined)))
+    checkpoints = Checkpoints(store, federation, round_id, fingerprint=fingerprint)
+    if not spec.resume and ranks.main:
+        checkpoints.clear()
+    ranks.barrier()
     warm = previous_students(store, federation, round_id, cluster_ids) if spec.warm_start else {}
+    warm = {c: move(student, base.device) for c, student in warm.items()}
     init = {c: warm.get(c, base) for c in cluster_ids}
     log.info(
         "round %d: students start from %s", round_id, {c: "previous" if c in warm else "base" for c in init}
@@ -348,8 +458,9 @@ def train_round(
 
         return epoch
 
+    mine = ranks.share(cluster_ids)
     students, student_reports = train_students(
-        {c: epochs_of(c) for c in cluster_ids},
+        {c: epochs_of(c) for c in mine},
         init,
         spec.student,
         stages=index.stages,
@@ -358,36 +469,74 @@ def train_round(
         heldout=heldout,
         sink=send,
         metrics_every=spec.metrics_every,
+        seed=spec.seed,
+        checkpoints=checkpoints,
+        checkpoint_every=spec.checkpoint_every,
     )
+    for cluster, student in students.items():
+        _upload_model(store, student, students_prefix(federation, round_id, cluster))
+    ranks.barrier()  # every student is in the store
+    for cluster in set(cluster_ids) - set(mine):
+        downloaded = _download_model(store, students_prefix(federation, round_id, cluster))
+        students[cluster] = move(downloaded, base.device)
     report: dict[str, Any] = {
-        "students": student_reports,
+        "students": {c: r for part in ranks.gather(student_reports) for c, r in part.items()},
         "warm_start": sorted(warm),
         "quarantined": quarantined,
     }
-    version = spec.version or f"r{round_id}"
+
+    teachers = all_teachers(store, index, spec, quarantined) if spec.tune_beta > 0 else None
+    windows = round_windows(store, index)
+    moe, report["tune"] = merge_and_tune(
+        students, windows, spec, teachers=teachers, sink=send if ranks.main else None, ranks=ranks
+    )
+    note = None
+    if ranks.main:
+        version = spec.version or f"r{round_id}"
+        note, report["moe"] = _release(
+            store, federation, round_id, version, moe, tokenizer, heldout, quarantined
+        )
+        send(_metric("release", 0, note.metrics))
+        checkpoints.clear()
+    released = ranks.from_main(note)
+    assert released is not None
+    return released, report
+
+
+def _upload_model(store: ObjectStore, model: PreTrainedModel, prefix: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for cluster, student in students.items():
-            path = Path(tmp) / "students" / str(cluster)
-            student.save_pretrained(path)
-            upload_dir(store, path, students_prefix(federation, round_id, cluster))
+        model.save_pretrained(tmp)
+        upload_dir(store, Path(tmp), prefix)
 
-        teachers = all_teachers(store, index, spec, quarantined) if spec.tune_beta > 0 else None
-        windows = round_windows(store, index)
-        moe, report["tune"] = merge_and_tune(students, windows, spec, teachers=teachers, sink=send)
-        scores = evaluate_domains(moe, heldout)
-        metrics = {f"{domain}.{name}": value for domain, s in scores.items() for name, value in s.items()}
-        metrics["quarantined"] = float(len(quarantined))
-        report["moe"] = scores
-        if metrics:
-            send(_metric("release", 0, metrics))
 
-        release_dir = Path(tmp) / "release"
+def _download_model(store: ObjectStore, prefix: str) -> PreTrainedModel:
+    with tempfile.TemporaryDirectory() as tmp:
+        download_dir(store, prefix, Path(tmp))
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+
+def _release(
+    store: ObjectStore,
+    federation: str,
+    round_id: int,
+    version: str,
+    moe: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    heldout: Heldout,
+    quarantined: dict[str, str],
+) -> tuple[ReleaseNote, dict[str, dict[str, float]]]:
+    """Evaluate the MoE, write the release (checkpoint, tokenizer, metrics.json) and its ReleaseNote."""
+    scores = evaluate_domains(moe, heldout)
+    metrics = {f"{domain}.{name}": value for domain, s in scores.items() for name, value in s.items()}
+    metrics["quarantined"] = float(len(quarantined))
+    model_prefix = f"{federation}/releases/{version}/model/"
+    with tempfile.TemporaryDirectory() as tmp:
+        release_dir = Path(tmp)
         moe.save_pretrained(release_dir)
         tokenizer.save_pretrained(release_dir)
         (release_dir / "metrics.json").write_text(
             json.dumps({"round": round_id, "heldout": scores, "quarantined": quarantined}, indent=1)
         )
-        model_prefix = f"{federation}/releases/{version}/model/"
         upload_dir(store, release_dir, model_prefix)
     note = ReleaseNote(
         federation=federation,
@@ -399,4 +548,4 @@ def train_round(
     )
     store.put(release_key(federation, version), encode_message(note))
     log.info("release %s of round %d written: %s", version, round_id, note.uri)
-    return note, report
+    return note, scores

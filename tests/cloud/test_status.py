@@ -1,0 +1,52 @@
+"""`deepfusion-cloud status --watch` follows the federation live and stops cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deepfusion.shared.store import open_store
+from tests.cloud.federation import SimDevice, base_overrides
+from tests.fixtures.broker import wait_for
+
+pytestmark = pytest.mark.mqtt
+
+
+def test_status_watch_shows_a_device_that_joins_after_it_started(broker, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    open_store(str(store_dir))
+    overrides = [*base_overrides(broker, str(store_dir)), "status.refresh_s=0.2"]
+    early = SimDevice(broker.config(), "pi-early")
+    early.publish_card()
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "deepfusion.cloud.cli", "status", "--watch"]
+        + [arg for item in overrides for arg in ("--set", item)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+    )
+    late = None
+    try:
+        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
+        time.sleep(1.0)  # past its settle time: the first table is drawn without pi-late
+        late = SimDevice(broker.config(), "pi-late")
+        late.publish_card()
+        time.sleep(1.5)  # several refreshes
+        watch.send_signal(signal.SIGTERM)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        early.client.close()
+        if late is not None:
+            late.client.close()
+    assert watch.returncode == 0, err[-2000:]
+    # Off a terminal, rich prints the live table once, as it was last refreshed.
+    assert "pi-early" in out and "pi-late" in out, out
