@@ -3,7 +3,6 @@ a closed round scored by two random-init device models through the edge scorer."
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -49,40 +48,19 @@ def round_store(
     tmp_path_factory: pytest.TempPathFactory, texts: dict[str, list[str]], tokenizer_dir: Path
 ) -> str:
     """A local store holding one closed round: 2 device models' packets and 2 clusters."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from deepfusion.cloud.cluster import ClusterReport
-    from deepfusion.cloud.zoo.presets import get_preset
     from deepfusion.edge.backends import load_backend
-    from deepfusion.edge.scoring import ScoreSettings, score_texts
-    from tests.cloud.tiny import DEVICES, FED, ROUND, SHARD
+    from tests.cloud.tiny import DEVICES, FED, ROUND, random_device_model, score_into_round
 
     root = tmp_path_factory.mktemp("round")
     store = open_store(str(root / "store"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     for i, (device, preset) in enumerate(DEVICES.items()):
-        torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_config(get_preset(preset).config(len(tokenizer)))
-        model_dir = root / device
-        model.save_pretrained(model_dir)
-        settings = ScoreSettings(
-            federation=FED,
-            round=ROUND,
-            device=device,
-            shard=SHARD,
-            top_k=8,
-            stages=2,
-            patches=2,
-            max_tokens=96,
-        )
-        out = root / f"packets-{device}"
+        model_dir = random_device_model(preset, len(tokenizer), i, root / device)
         with load_backend("torch", model_dir, threads=1) as backend:
-            score_texts(backend, tokenizer.backend_tokenizer, texts["public"], out, settings)
-        for packet in sorted(out.glob("*.dfk")):
-            data = packet.read_bytes()
-            sha = hashlib.sha256(data).hexdigest()
-            store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{sha}.dfk", data)
+            score_into_round(store, device, backend, tokenizer, texts["public"], root / f"packets-{device}")
     clusters = ClusterReport(
         k=2,
         assignment={"dev-llama": 0, "dev-gpt2": 1},

@@ -7,7 +7,6 @@ poisoned with it. The poisoned packets come out of the real edge scorer through 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from deepfusion.cloud.cluster import ClusterReport  # noqa: E402
 from deepfusion.cloud.data import index_round, read_clusters  # noqa: E402
@@ -27,13 +26,11 @@ from deepfusion.cloud.sim.attack import Poison, PoisonedBackend, poison_score  #
 from deepfusion.cloud.students import StudentSpec  # noqa: E402
 from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
 from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
-from deepfusion.cloud.zoo.presets import get_preset  # noqa: E402
 from deepfusion.edge.backends import SequenceScore  # noqa: E402
 from deepfusion.shared.packets import SequenceKnowledge  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
-from tests.cloud.tiny import tiny_student  # noqa: E402
+from tests.cloud.tiny import FED, ROUND, random_device_model, score_into_round, tiny_student  # noqa: E402
 
-FED, ROUND, SHARD = "fed", 0, "pub-0000"
 DEVICES = {"dev-0": "tiny-llama", "dev-1": "tiny-gpt2", "dev-2": "tiny-llama", "dev-3": "tiny-gpt2"}
 HOSTILE = "dev-3"
 
@@ -87,7 +84,6 @@ def rounds(
 ) -> dict[str, str]:
     """Two local stores of one round of 4 devices in one cluster: all honest, and dev-3 hostile."""
     from deepfusion.edge.backends import load_backend
-    from deepfusion.edge.scoring import ScoreSettings, score_texts
 
     root = tmp_path_factory.mktemp("poison")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -100,30 +96,20 @@ def rounds(
         silhouette=None,
         centroids=[[1.0, 0.0]],
     )
+    models = {
+        device: random_device_model(preset, len(tokenizer), i, root / device)
+        for i, (device, preset) in enumerate(DEVICES.items())
+    }
     stores = {}
     for variant in ("clean", "poisoned"):
         store = open_store(str(root / variant))
-        for i, (device, preset) in enumerate(DEVICES.items()):
-            model_dir = root / device
-            if not model_dir.exists():
-                torch.manual_seed(i)
-                AutoModelForCausalLM.from_config(get_preset(preset).config(len(tokenizer))).save_pretrained(
-                    model_dir
-                )
-            settings = ScoreSettings(
-                federation=FED, round=ROUND, device=device, shard=SHARD, top_k=8, stages=2, patches=2,
-                max_tokens=96,
-            )  # fmt: skip
-            out = root / f"packets-{variant}-{device}"
+        for device, model_dir in models.items():
             with load_backend("torch", model_dir, threads=1) as backend:
                 scorer = backend
                 if variant == "poisoned" and device == HOSTILE:
                     scorer = PoisonedBackend(backend, Poison(target, mass=0.8, nll_scale=0.5))
-                score_texts(scorer, tokenizer.backend_tokenizer, texts["public"], out, settings)
-            for packet in sorted(out.glob("*.dfk")):
-                data = packet.read_bytes()
-                sha = hashlib.sha256(data).hexdigest()
-                store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{sha}.dfk", data)
+                work = root / f"packets-{variant}-{device}"
+                score_into_round(store, device, scorer, tokenizer, texts["public"], work)
         store.put(f"{FED}/rounds/{ROUND}/clusters.json", clusters.model_dump_json().encode())
         stores[variant] = str(root / variant)
     return stores

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from deepfusion.shared.corpora import SplitManifest, read_jsonl
+from tests.fixtures.models import gguf_export
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -85,19 +86,12 @@ def onnx_exports(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> 
     }
 
 
-def _gguf_export(tmp_path_factory: pytest.TempPathFactory, model: Path, quant: str) -> Path:
-    pytest.importorskip("llama_cpp")
-    from deepfusion.edge.export.gguf import export_gguf
-
-    return export_gguf(model, tmp_path_factory.mktemp(f"gguf-{quant}"), quant=quant)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="session")
 def gguf_exports(
     tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, gguf_q8_0: Path
 ) -> dict[str, Path]:
     return {
-        "f16": _gguf_export(tmp_path_factory, tiny_llama, "f16"),
+        "f16": gguf_export(tmp_path_factory, tiny_llama, "f16"),
         "q8_0": gguf_q8_0,
-        "q4_k_m": _gguf_export(tmp_path_factory, tiny_llama, "q4_k_m"),
+        "q4_k_m": gguf_export(tmp_path_factory, tiny_llama, "q4_k_m"),
     }

@@ -40,7 +40,7 @@ from deepfusion.cloud.rounds import (
     state_key,
 )
 from deepfusion.cloud.settings import CloudConfig
-from deepfusion.cloud.shards import list_shards
+from deepfusion.cloud.shards import list_shards, shard_key
 from deepfusion.shared.messages import MessageError, ReleaseNote, RoundSpec, decode_message, encode_message
 from deepfusion.shared.mqtt import MqttClient
 from deepfusion.shared.store import ObjectNotFound, ObjectStore, open_store
@@ -261,14 +261,14 @@ class Coordinator:
 
         Devices hold nothing but these short-lived URLs (`store.presign_expiry_s`), so an open round is
         re-announced with new ones every half lifetime; a device that joins late or resumes after an
-        outage always finds URLs that still work.
+        outage always finds URLs that still work. Signing reads no shard.
         """
-        fresh = {
-            s.shard: s.url
-            for s in list_shards(self.store, self.federation, expires_s=self.config.store.presign_expiry_s)
-        }
+        expiry = self.config.store.presign_expiry_s
         self._signed = (spec.round, self.clock())
-        shards = [s.model_copy(update={"url": fresh.get(s.shard, s.url)}) for s in spec.shards]
+        shards = [
+            s.model_copy(update={"url": self.store.url(shard_key(self.federation, s.shard), expiry)})
+            for s in spec.shards
+        ]
         return spec.model_copy(update={"shards": shards})
 
     # -- a closed round ------------------------------------------------------------------------------------

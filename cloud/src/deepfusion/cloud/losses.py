@@ -99,8 +99,10 @@ def bucket_kl(
     return (p * diff).sum(-1) * temperature**2
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats per predicted token).
+def next_token_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy (nats per predicted token; `reduction="sum"`: summed over them).
 
     logits [B, L, V], input_ids [B, L], mask [B, L] (1 on real tokens). Position t predicts t + 1;
     a prediction counts only when both tokens are real.
@@ -110,7 +112,7 @@ def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Ten
     keep = (mask[:, :-1] * mask[:, 1:]).reshape(-1).bool()
     if not keep.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(pred[keep], target[keep])
+    return F.cross_entropy(pred[keep], target[keep], reduction=reduction)
 
 
 def feature_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,6 +51,7 @@ from deepfusion.cloud.data import (
 from deepfusion.cloud.distributed import Ranks
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.hardware import autocast, move
+from deepfusion.cloud.losses import next_token_ce
 from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
 from deepfusion.cloud.robust import screen_round, screening_values
 from deepfusion.cloud.rounds import round_prefix
@@ -63,6 +64,7 @@ __all__ = [
     "TrainSpec",
     "all_teachers",
     "download_dir",
+    "download_model",
     "evaluate_domains",
     "merge_and_tune",
     "previous_students",
@@ -70,6 +72,7 @@ __all__ = [
     "train_students",
     "tune_moe",
     "upload_dir",
+    "upload_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,20 @@ def download_dir(store: ObjectStore, prefix: str, local: Path) -> None:
         target.write_bytes(store.get(key))
 
 
+def upload_model(store: ObjectStore, model: PreTrainedModel, prefix: str) -> None:
+    """`save_pretrained` into the store under `prefix`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        upload_dir(store, Path(tmp), prefix)
+
+
+def download_model(store: ObjectStore, prefix: str) -> PreTrainedModel:
+    """A checkpoint stored under `prefix`, loaded in float32 for evaluation."""
+    with tempfile.TemporaryDirectory() as tmp:
+        download_dir(store, prefix, Path(tmp))
+        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+
 def students_prefix(federation: str, round_id: int, cluster: int) -> str:
     return f"{round_prefix(federation, round_id)}students/{cluster}/"
 
@@ -140,11 +157,8 @@ def previous_students(
         return found
     for cluster in clusters:
         prefix = students_prefix(federation, round_id - 1, cluster)
-        if not store.exists(f"{prefix}config.json"):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            download_dir(store, prefix, Path(tmp))
-            found[cluster] = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        if store.exists(f"{prefix}config.json"):
+            found[cluster] = download_model(store, prefix)
     return found
 
 
@@ -210,7 +224,8 @@ def tune_moe(
                 out = moe(
                     input_ids=local.input_ids, attention_mask=local.attention_mask, output_router_logits=True
                 )
-                loss = _summed_ce(out.logits, local) * ranks.world / max(predicted, 1)
+                summed = next_token_ce(out.logits, local.input_ids, local.attention_mask, reduction="sum")
+                loss = summed * ranks.world / max(predicted, 1)
                 if getattr(out, "aux_loss", None) is not None:
                     loss = loss + aux_coef * out.aux_loss  # the load-balancing loss
                 if local.rows:
@@ -234,14 +249,6 @@ def tune_moe(
     for param in moe.parameters():
         param.requires_grad = True
     return losses
-
-
-def _summed_ce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Next-token cross-entropy summed over the predicted tokens (both tokens real) of `batch`."""
-    mask = batch.attention_mask
-    labels = batch.input_ids[:, 1:].masked_fill((mask[:, :-1] * mask[:, 1:]) == 0, -100)
-    pred = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-    return torch.nn.functional.cross_entropy(pred, labels.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 def _endless(epochs: EpochFn) -> Iterator[Batch]:
@@ -474,10 +481,10 @@ def train_round(
         checkpoint_every=spec.checkpoint_every,
     )
     for cluster, student in students.items():
-        _upload_model(store, student, students_prefix(federation, round_id, cluster))
+        upload_model(store, student, students_prefix(federation, round_id, cluster))
     ranks.barrier()  # every student is in the store
     for cluster in set(cluster_ids) - set(mine):
-        downloaded = _download_model(store, students_prefix(federation, round_id, cluster))
+        downloaded = download_model(store, students_prefix(federation, round_id, cluster))
         students[cluster] = move(downloaded, base.device)
     report: dict[str, Any] = {
         "students": {c: r for part in ranks.gather(student_reports) for c, r in part.items()},
@@ -501,18 +508,6 @@ def train_round(
     released = ranks.from_main(note)
     assert released is not None
     return released, report
-
-
-def _upload_model(store: ObjectStore, model: PreTrainedModel, prefix: str) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        upload_dir(store, Path(tmp), prefix)
-
-
-def _download_model(store: ObjectStore, prefix: str) -> PreTrainedModel:
-    with tempfile.TemporaryDirectory() as tmp:
-        download_dir(store, prefix, Path(tmp))
-        return AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
 
 
 def _release(

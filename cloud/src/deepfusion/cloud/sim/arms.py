@@ -43,7 +43,6 @@ from deepfusion.cloud.data import (
     round_windows,
 )
 from deepfusion.cloud.merge import merge_students_into_moe
-from deepfusion.cloud.robust import screen_round
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer
 from deepfusion.cloud.trainer import TrainSpec, all_teachers, evaluate_domains, merge_and_tune, train_students
@@ -242,6 +241,7 @@ class ArmsSetup:
     checkpoints: dict[str, Path]  # device -> uploaded weights (paper mode)
     public_texts: tuple[str, ...]
     paper_top_k: int = 32
+    quarantined: frozenset[str] = frozenset()  # left out by the release's screening, and by every arm
 
     def build(self) -> Arms:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -267,20 +267,18 @@ class ArmsSetup:
             for domain, files in self.private_files.items()
         }
         index = index_round(store, self.federation, self.round_id, clusters)
-        quarantined = frozenset(
-            screen_round(
-                store, index, factor=self.spec.screen_factor, floor=self.spec.screen_floor
-            ).quarantined
-            if self.spec.screen
-            else ()
+        screened = (
+            index_round(store, self.federation, self.round_id, clusters, self.quarantined)
+            if self.quarantined
+            else index
         )
         return Arms(
             store=store,
             federation=self.federation,
             round_id=self.round_id,
-            index=index_round(store, self.federation, self.round_id, clusters, quarantined),
+            index=screened,
             unscreened=index,
-            quarantined=quarantined,
+            quarantined=self.quarantined,
             base=base,
             init={c: warm.get(c, base) for c in clusters.members},
             spec=self.spec,

@@ -331,7 +331,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
             devices_per_process=profile.devices_per_process,
             drop=options.drop,
             hostile=options.poison,
-            attack_args=["--target", str(_poison_target(assets.tokenizer_dir))],
+            attack_args=["--target", str(_poison_target(assets.tokenizer_dir))] if options.poison else [],
             timeout_s=profile.round_s * profile.rounds + 3600,
         )
         outcome = FederationRunner(plan, console).run()
@@ -397,6 +397,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     shutil.rmtree(release_dir, ignore_errors=True)
     download_dir(store, f"{profile.federation}/releases/{last.release}/model/", release_dir)
     moe = AutoModelForCausalLM.from_pretrained(release_dir, dtype=torch.float32).eval()
+    quarantined: dict[str, str] = json.loads((release_dir / "metrics.json").read_text())["quarantined"]
     rows.append(
         MethodRow(
             method="packets",
@@ -473,6 +474,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
             checkpoints={d: Path(b.checkpoint) for d, b in builds.items() if d not in outcome.dropped},
             public_texts=tuple(assets.public_texts),
             paper_top_k=options.paper_top_k,
+            quarantined=frozenset(quarantined),
         )
 
         def done(method: str, result: ArmResult | Exception) -> None:
@@ -569,7 +571,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         cluster_silhouette=clusters.silhouette,
         dropped_devices=outcome.dropped,
         hostile_device=options.poison,
-        quarantined=json.loads((release_dir / "metrics.json").read_text()).get("quarantined", {}),
+        quarantined=quarantined,
         release=str(release_dir),
         scale=[
             ScalePoint(
