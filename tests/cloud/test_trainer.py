@@ -3,6 +3,7 @@ packets land in a local store, and the trainer distills, merges, tunes and write
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -22,9 +23,18 @@ from deepfusion.cloud.coordinator import release_key  # noqa: E402
 from deepfusion.cloud.data import cluster_batches, index_round, read_clusters  # noqa: E402
 from deepfusion.cloud.evaluate import evaluate_windows, token_windows  # noqa: E402
 from deepfusion.cloud.merge import MergeSpec  # noqa: E402
+from deepfusion.cloud.sim.arms import weight_average, window_batches  # noqa: E402
 from deepfusion.cloud.students import StudentSpec  # noqa: E402
-from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
+from deepfusion.cloud.trainer import (  # noqa: E402
+    TrainSpec,
+    evaluate_domains,
+    merge_and_tune,
+    train_round,
+    train_students,
+)
+from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
 from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
+from deepfusion.shared.corpora import FileEntry, SplitManifest, read_jsonl  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
 from tests.cloud.tiny import DEVICES, FED, ROUND, tiny_student  # noqa: E402
@@ -229,3 +239,39 @@ def test_a_killed_training_resumes_to_the_same_release(
     reference = models["whole"].state_dict()
     for key, value in models["resumed"].state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_the_tuned_moe_beats_the_plain_weight_average_of_its_students_on_every_domain(
+    default_split: tuple[Path, SplitManifest],
+) -> None:
+    """Two students specialise on medical and finance text. Averaged, each loses its domain; merged,
+    each keeps its FFN as a routed expert and phase III tunes the trunk and router on public text."""
+    split_dir, split = default_split
+    domains = ("medical", "finance")
+
+    def docs(entry: FileEntry, n: int) -> list[str]:
+        return [d.text for d in itertools.islice(read_jsonl(split_dir / entry.file), n)]
+
+    private = {d: docs(split.devices[d][0], 120) for d in domains}
+    public_docs = [t for name in (*domains, "general") for t in docs(split.public[name], 40)]
+    tokenizer = train_byte_level_bpe([*public_docs, *(t for d in domains for t in private[d])], 512)
+    tokenizer.add_special_tokens({"eos_token": END_OF_TEXT, "pad_token": END_OF_TEXT})
+    heldout = {d: token_windows(tokenizer, docs(split.test[d], 16), 64)[:48] for d in domains}
+    train = {d: token_windows(tokenizer, private[d], 64) for d in domains}
+    public = token_windows(tokenizer, public_docs, 64)
+
+    base = tiny_student(len(tokenizer))
+    epochs = {c: (lambda e, d=d: window_batches(train[d], 8, seed=e)) for c, d in enumerate(domains)}
+    students, _ = train_students(
+        epochs, {0: base, 1: base}, StudentSpec(steps=200, batch_size=8, lr=3e-3, alpha=0.0, beta=0.0)
+    )
+    oracle = {d: evaluate_windows(students[c], heldout[d])["nll"] for c, d in enumerate(domains)}
+    average = evaluate_domains(weight_average(list(students.values())), heldout)
+    spec = TrainSpec(merge=MergeSpec(), tune_steps=30, tune_batch_size=8, tune_lr=2e-3)
+    moe, _ = merge_and_tune(students, public, spec)
+    merged = evaluate_domains(moe, heldout)
+
+    for domain in domains:
+        assert average[domain]["nll"] > oracle[domain] + 0.2, (domain, average, oracle)  # they specialised
+        assert merged[domain]["nll"] < average[domain]["nll"] - 0.1, (domain, merged, average)
