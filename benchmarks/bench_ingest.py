@@ -12,7 +12,9 @@ Runs, in one process tree and against one mosquitto:
 Every ingest run counts until the publisher has received every Ack, i.e. every packet was decoded,
 checked against the federation's context, written (fsync'd locally) and acknowledged. Packets are
 synthetic but shaped like a small LM's: k = 16 of a 4096 vocabulary, J = 4, P = 4, width 64.
-The table is printed as Markdown; ratios are against the raw rate measured in the same run.
+The table is printed as Markdown; ratios are against the raw rate measured in the same run. The CPU time
+the workers spent per packet (user + system, from /proc) is the cost that does not depend on what else
+shares the machine.
 """
 
 from __future__ import annotations
@@ -149,8 +151,8 @@ def ingest_rate(
     workers: int,
     env: dict[str, str],
     threads: int,
-) -> float:
-    """Seconds from the first publish to the last Ack, through `workers` ingest processes."""
+) -> tuple[float, float]:
+    """(seconds from the first publish to the last Ack, CPU seconds the workers spent meanwhile)."""
     overrides = [
         f"federation={FED}", f"mqtt.port={broker.port}", 'mqtt.protocol="5"', "ingest.settle_s=0.2",
         f"ingest.threads={threads}", *store,
@@ -187,12 +189,13 @@ def ingest_rate(
         for device in packets:
             client.subscribe(ack_topic(FED, device), on_ack)
         with client:
+            cpu = sum(_cpu_seconds(p.pid) for p in procs)
             start = time.perf_counter()
             _publish_all(client, packets)
             with cond:
                 if not cond.wait_for(lambda: expected <= acked, timeout=600):
                     raise RuntimeError(f"{len(expected - acked)} packets without an Ack")
-            return time.perf_counter() - start
+            return time.perf_counter() - start, sum(_cpu_seconds(p.pid) for p in procs) - cpu
     finally:
         for proc in procs:
             proc.terminate()
@@ -202,6 +205,12 @@ def ingest_rate(
         for w in range(workers):
             with MqttClient(broker.config(), f"bench-{run}-{w}", clean_start=True):
                 pass
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc): the cost per packet, whatever else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_s3(workdir: Path) -> tuple[object, list[str], dict[str, str], object]:
@@ -238,20 +247,16 @@ def main() -> None:
     packets = make_packets(args.packets, args.sequences)
     sizes = [len(p) for ps in packets.values() for p in ps]
     megabytes = sum(sizes) / 1e6
-    rows: list[tuple[str, float]] = []
+    rows: list[tuple[str, float, float | None]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp, EmbeddedBroker() as broker:
         work = Path(tmp)
         raw = raw_rate(broker, packets)
-        rows.append(("raw: bare paho subscriber, payloads dropped", raw))
+        rows.append(("raw: bare paho subscriber, payloads dropped", raw, None))
         announce(broker, packets, args.sequences)
         for workers in (1, 2):
             store = [f'store.uri="{work / f"local-{workers}"}"']
-            rows.append(
-                (
-                    f"ingest, {workers} worker(s), local store",
-                    ingest_rate(broker, packets, store, workers, {}, args.threads),
-                )
-            )
+            seconds, cpu = ingest_rate(broker, packets, store, workers, {}, args.threads)
+            rows.append((f"ingest, {workers} worker(s), local store", seconds, cpu))
         if not args.no_s3:
             try:
                 _server, extra, env, process = start_s3(work)
@@ -261,8 +266,8 @@ def main() -> None:
                 try:
                     for workers in (1, 2):
                         store = [f'store.uri="s3://bench/run-{workers}"', *extra]
-                        seconds = ingest_rate(broker, packets, store, workers, env, args.threads)
-                        rows.append((f"ingest, {workers} worker(s), S3 (SeaweedFS)", seconds))
+                        seconds, cpu = ingest_rate(broker, packets, store, workers, env, args.threads)
+                        rows.append((f"ingest, {workers} worker(s), S3 (SeaweedFS)", seconds, cpu))
                 finally:
                     process.terminate()
                     process.wait(30)
@@ -271,11 +276,13 @@ def main() -> None:
         f"{args.sequences} sequences x {LENGTH} tokens each, k={K}, J={STAGES}, P={PATCHES}, width {WIDTH}; "
         f"{args.threads} store threads per worker; {os.cpu_count()} CPU cores\n"
     )
-    print("| path | packets/s | MB/s | vs raw |")
-    print("|---|---:|---:|---:|")
-    for name, seconds in rows:
+    print("| path | packets/s | MB/s | vs raw | worker CPU ms per packet |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds, cpu in rows:
+        per_packet = "—" if cpu is None else f"{cpu / args.packets * 1e3:.2f}"
         print(
-            f"| {name} | {args.packets / seconds:,.0f} | {megabytes / seconds:.1f} | {raw / seconds:.2f}x |"
+            f"| {name} | {args.packets / seconds:,.0f} | {megabytes / seconds:.1f} | {raw / seconds:.2f}x "
+            f"| {per_packet} |"
         )
 
 

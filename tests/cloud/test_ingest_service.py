@@ -76,12 +76,13 @@ def _open(uri: str, extra: list[str], env: dict[str, str], monkeypatch) -> Objec
     return open_store(config_from([f'store.uri="{uri}"', *extra]).store)
 
 
+@pytest.mark.parametrize("threads", [8, 0], ids=["store-threads", "network-thread"])
 def test_two_workers_split_the_stream_and_store_every_packet_once(
-    broker, mqtt_client, tmp_path, store_uri, monkeypatch
+    broker, mqtt_client, tmp_path, store_uri, monkeypatch, threads
 ):
     uri, extra, env = store_uri
     store = _open(uri, extra, env, monkeypatch)
-    overrides = [*base_overrides(broker, uri), *extra]
+    overrides = [*base_overrides(broker, uri), *extra, f"ingest.threads={threads}"]
     workers = [
         Service("ingest", [*overrides, f'ingest.worker_id="ingest-{i}"'], tmp_path / f"ingest-{i}.log", env)
         for i in range(2)

@@ -12,7 +12,9 @@ Two MQTT connections:
   over all workers of the group and keeps this worker's queue while it restarts.
 
 Packets go through a bounded queue to a few threads (store writes are I/O), each doing: decode and
-check, store under the content-addressed key, then publish the Ack. A packet whose device or round the
+check, store under the content-addressed key, then publish the Ack. With `ingest.threads = 0` the
+network thread does this itself: slower stores stall reading, but no packet changes threads, which
+costs CPU under the GIL. A packet whose device or round the
 view has not seen yet waits up to `context_wait_s` for its card or RoundSpec (they travel on the other
 connection). Counters per device and reason are written to `{fed}/ingest/{worker}.json` every
 `stats_interval_s` and at shutdown; the worker reads its file back when it starts.
@@ -215,17 +217,23 @@ class IngestService:
     # -- packets ---------------------------------------------------------------------------------------
 
     def _enqueue(self, message: Message) -> None:
-        self._queue.put(message)  # blocks when full: the broker keeps the rest queued for us
+        if self.settings.threads == 0:
+            self._handle_safely(message)
+        else:
+            self._queue.put(message)  # blocks when full: the broker keeps the rest queued for us
 
     def _work(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            try:
-                self.handle(item)
-            except Exception:  # one packet must never stop a worker thread
-                log.exception("ingest failed on a packet topic=%s", item.topic)
+            self._handle_safely(item)
+
+    def _handle_safely(self, message: Message) -> None:
+        try:
+            self.handle(message)
+        except Exception:  # one packet must never stop a worker thread or the network loop
+            log.exception("ingest failed on a packet topic=%s", message.topic)
 
     def handle(self, message: Message) -> Ack | None:
         """Judge, store and answer one message; None when nothing can be answered (or stored)."""

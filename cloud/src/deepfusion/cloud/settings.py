@@ -32,7 +32,12 @@ class IngestSection(Section):
     )
     share_group: str = Field("ingest", description="MQTT 5 shared-subscription group of all workers.")
     threads: int = Field(
-        8, ge=1, le=64, description="Packets validated and stored concurrently (store writes wait on I/O)."
+        8,
+        ge=0,
+        le=64,
+        description="Packets validated and stored concurrently (store writes wait on I/O). 0 handles each "
+        "packet in the MQTT network thread: no hand-off between threads, the least CPU per packet, for "
+        "a store whose writes take well under a millisecond (a local disk); S3 needs threads.",
     )
     queue: int = Field(256, ge=1, description="Packets received but not yet stored; beyond, reading waits.")
     max_packet_bytes: int = Field(
