@@ -32,8 +32,8 @@ from deepfusion.cloud.trainer import (  # noqa: E402
     train_round,
     train_students,
 )
-from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
 from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
+from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
 from deepfusion.shared.corpora import FileEntry, SplitManifest, read_jsonl  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
