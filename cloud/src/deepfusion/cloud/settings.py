@@ -37,7 +37,7 @@ class IngestSection(Section):
         le=64,
         description="Packets validated and stored concurrently (store writes wait on I/O). 0 handles each "
         "packet in the MQTT network thread: no hand-off between threads, the least CPU per packet, for "
-        "a store whose writes take well under a millisecond (a local disk); S3 needs threads.",
+        "a fast local store (tmpfs, NVMe); S3 needs threads.",
     )
     queue: int = Field(256, ge=1, description="Packets received but not yet stored; beyond, reading waits.")
     max_packet_bytes: int = Field(
