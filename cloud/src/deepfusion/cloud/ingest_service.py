@@ -15,8 +15,9 @@ Packets go through a bounded queue to a few threads (store writes are I/O), each
 check, store under the content-addressed key, then publish the Ack. With `ingest.threads = 0` the
 network thread does this itself: a slow store stalls reading, but no packet changes threads, which
 costs CPU under the GIL. A packet whose device or round the view has not seen yet waits up to
-`context_wait_s` for its card or RoundSpec (they travel on the other connection). Counters per device and reason are written to `{fed}/ingest/{worker}.json` every
-`stats_interval_s` and at shutdown; the worker reads its file back when it starts.
+`context_wait_s` for its card or RoundSpec (they travel on the other connection). Counters per
+device and reason are written to `{fed}/ingest/{worker}.json` every `stats_interval_s` and at
+shutdown; the worker reads its file back when it starts.
 
 Restart semantics: paho acknowledges a message to the broker when the handler has queued it, so a
 worker killed with packets queued or half-stored loses them from the broker's view; the devices resend
