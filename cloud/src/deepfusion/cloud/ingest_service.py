@@ -19,8 +19,9 @@ costs CPU under the GIL. A packet whose device or round the view has not seen ye
 device and reason are written to `{fed}/ingest/{worker}.json` every `stats_interval_s` and at
 shutdown; the worker reads its file back when it starts.
 
-Restart semantics: paho acknowledges a message to the broker when the handler has queued it, so a
-worker killed with packets queued or half-stored loses them from the broker's view; the devices resend
+Restart semantics: paho acknowledges a message to the broker when the handler returns, i.e. once it
+is queued (once it is stored and acked with `threads = 0`), so a worker killed with packets queued or
+half-stored loses them from the broker's view; the devices resend
 every packet that has no Ack, the resend finds the stored copy (if any) by its key, and the Ack says
 `duplicate`. Nothing is lost and nothing is stored twice.
 """
