@@ -66,8 +66,8 @@ def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> 
 def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     """Σ over the batch's (sequence, device) rows of weight × mean top-k + tail KL, per sequence.
 
-    logits [B, L, V] of the model being taught; one log-softmax for the batch, and each row gathers its
-    [n, k] from it, so no [n, V] slice is copied per teacher.
+    logits [B, L, V] of the model being taught, on the batch's device (`Batch.to`); one log-softmax for
+    the batch, and each row gathers its [n, k] from it, so no [n, V] slice is copied per teacher.
     """
     if not batch.rows:
         return logits.new_zeros(())
@@ -79,8 +79,8 @@ def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> to
         n, kr = r.topk_ids.shape
         seqs.append(torch.full((n,), r.seq, device=device))
         positions.append(torch.arange(n, device=device))
-        ids.append(nn.functional.pad(r.topk_ids.to(device), (0, k - kr)))  # [n, k]
-        lps.append(nn.functional.pad(r.topk_logprobs.to(device), (0, k - kr), value=-math.inf))
+        ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
+        lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
         weights.append(torch.full((n,), r.weight / n, device=device))
     top = torch.cat(ids).clamp(0, logits.size(-1) - 1)  # [N, k]
     student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top]  # [N, k]

@@ -14,7 +14,8 @@
 The pieces (`train_students`, `merge_and_tune`) are also what the simulator's baselines reuse, so every
 arm of a comparison trains through the same code. Phase II checkpoints to the store every
 `checkpoint_every` steps, and a restarted run resumes there (checkpoints.py) with the same result;
-phase III, minutes at most, restarts from the merge. Multi-process training is not implemented.
+phase III, minutes at most, restarts from the merge. Under torchrun each rank trains its share of the
+students and phase III runs sharded with FSDP (distributed.py).
 """
 
 from __future__ import annotations
