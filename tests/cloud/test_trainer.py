@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,54 @@ def test_train_command_refuses_a_malformed_eval_set(round_store: str, tmp_path: 
     assert result.exit_code == 2 and "DOMAIN=FILE" in result.output
 
 
+def _cli_args(store: str, base: Path, tokenizer_dir: Path, version: str) -> list[str]:
+    args = ["train", "--round", "0", "--base", str(base), "--tokenizer", str(tokenizer_dir), "--no-publish"]
+    args += ["--set", f'federation="{FED}"', "--set", f'store.uri="{store}"']
+    return [*args, "--steps", "2", "--tune-steps", "4", "--version", version, "--no-warm-start"]
+
+
+def test_train_command_refuses_a_bias_update_without_deepseek(round_store: str, tmp_path: Path) -> None:
+    args = ["train", "--round", "0", "--base", str(tmp_path), "--bias-update", "0.01"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "deepseek_v3" in result.output
+
+
+def test_train_command_applies_the_bias_update_to_a_deepseek_release(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    args = _cli_args(round_store, base, tokenizer_dir, "cli-ds")
+    # An odd step count: on a fresh router the ±rate update can flip the load every step, so after an
+    # even number of steps the bias may be back at 0.
+    args += ["--architecture", "deepseek_v3", "--bias-update", "0.05", "--tune-steps", "5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    moe = AutoModelForCausalLM.from_pretrained(Path(round_store) / FED / "releases" / "cli-ds" / "model")
+    assert type(moe).__name__ == "DeepseekV3ForCausalLM"
+    biases = [m.e_score_correction_bias for m in moe.modules() if hasattr(m, "e_score_correction_bias")]
+    assert biases and all(b.abs().max() > 0 for b in biases)  # 0 right after the merge
+
+
+def test_train_command_refuses_an_unreadable_checkpoint_unless_told_to_start_over(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    store_dir = tmp_path / "store"
+    shutil.copytree(round_store, store_dir)
+    open_store(str(store_dir)).put(f"{FED}/rounds/{ROUND}/checkpoints/cluster-0.pt", b"not a checkpoint")
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    args = _cli_args(str(store_dir), base, tokenizer_dir, "cli-resume")
+
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 1 and "cluster-0.pt is unreadable" in refused.output
+    assert "--no-resume" in refused.output
+    started_over = CliRunner().invoke(app, [*args, "--no-resume"])
+    assert started_over.exit_code == 0, started_over.output
+    assert open_store(str(store_dir)).exists(release_key(FED, "cli-resume"))
+    assert not list(open_store(str(store_dir)).list(f"{FED}/rounds/{ROUND}/checkpoints/"))
+
+
 def test_next_round_starts_from_the_stored_students(tmp_path: Path) -> None:
     from deepfusion.cloud.trainer import previous_students, students_prefix
 
@@ -189,8 +238,6 @@ class _Killed(Exception):
 def test_a_killed_training_resumes_to_the_same_release(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path
 ) -> None:
-    import shutil
-
     from deepfusion.cloud.checkpoints import Checkpoints
     from deepfusion.shared.messages import Metrics
 

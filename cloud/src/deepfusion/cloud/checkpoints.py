@@ -2,7 +2,8 @@
 
     checkpoints = Checkpoints(store, "fed", 3, fingerprint=repr(spec))
     checkpoints.save(cluster, {"trainer": trainer.state_dict(), "history": history, "done": False})
-    state = checkpoints.load(cluster)   # None when absent, or written under other settings
+    state = checkpoints.load(cluster)   # None when absent, or written under other settings;
+                                        # ValueError when unreadable
 
 Kept under `{fed}/rounds/{round}/checkpoints/cluster-{c}.pt` (the store, not the trainer's disk: the
 machine that resumes need not be the one that stopped) and removed once the release is written.
@@ -44,7 +45,13 @@ class Checkpoints:
             data = self.store.get(self._key(cluster))
         except ObjectNotFound:
             return None
-        state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+        try:
+            state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as exc:  # truncated or foreign bytes; torch raises several types for them
+            raise ValueError(
+                f"the phase II checkpoint {self._key(cluster)} is unreadable ({type(exc).__name__}: {exc}); "
+                "train with --no-resume to start the round over"
+            ) from None
         if state.get("fingerprint") != self.fingerprint:
             log.warning("ignored the checkpoint of cluster %d: written under other settings", cluster)
             return None

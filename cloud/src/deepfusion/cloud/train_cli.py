@@ -98,6 +98,11 @@ def train(
     if architecture not in get_args(Architecture):
         choices = ", ".join(get_args(Architecture))
         raise typer.BadParameter(f"{architecture!r}; one of {choices}", param_hint="--architecture")
+    if bias_update > 0 and architecture != "deepseek_v3":
+        raise typer.BadParameter(
+            "the expert-bias update needs the DeepSeek-V3 MoE (--architecture deepseek_v3)",
+            param_hint="--bias-update",
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sets = _eval_sets(eval_sets)
     settings = load_cloud_config(config, overrides)
@@ -128,8 +133,10 @@ def train(
         seed=seed,
         screen=screen,
         screen_factor=screen_factor,
-        checkpoint_every=checkpoint_every,
         screen_floor=screen_floor,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        bias_update=bias_update,
     )
     ranks = Ranks.from_env()
     client = None
@@ -159,6 +166,9 @@ def train(
             sink=sink,
             ranks=ranks,
         )
+    except ValueError as exc:  # a round, checkpoint or setting the trainer cannot use: its message says why
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
         if client is not None:
             client.close()
