@@ -7,9 +7,6 @@ upload must stay a small fraction of a weight upload at a real model size.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,21 +14,14 @@ import pytest
 pytest.importorskip("torch")
 
 from deepfusion.cloud.sim.results import RunResults
-
-BIN = Path(sys.executable).parent
+from tests.e2e.simulate import simulate, tail
 
 
 @pytest.mark.slow
 @pytest.mark.mqtt
 def test_default_demo_federation_beats_base_and_public_only_control(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "deepfusion-cloud"), "simulate", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=2400,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result = simulate("--out", str(tmp_path), timeout=2400)
+    assert result.returncode == 0, tail(result)
     results = RunResults.model_validate_json((tmp_path / "demo" / "metrics.json").read_text())
     assert len(results.devices) == 8 and not results.dropped_devices
     assert len({d.architecture for d in results.devices}) >= 3

@@ -5,10 +5,8 @@ end. Every size is cut down (4 fine-tune steps, 48 public windows of 64 tokens, 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from transformers import AutoConfig, AutoTokenizer
 
 from deepfusion.cloud.rounds import RoundState
 from deepfusion.cloud.sim.results import RunResults
+from tests.e2e.simulate import simulate, tail
 
-BIN = Path(sys.executable).parent
 SMOKE = {
     "data.public_windows": 48, "data.max_tokens": 64, "data.test_windows": 8,
     "finetune.steps": 4, "finetune.batch_size": 2,
@@ -35,15 +33,8 @@ SMOKE = {
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.CompletedProcess[str], Path]]:
     out = tmp_path_factory.mktemp("results")
     overrides = [a for key, value in SMOKE.items() for a in ("--set", f"{key}={value}")]
-    result = subprocess.run(
-        [
-            *(str(BIN / "deepfusion-cloud"), "simulate", "--preset", "real", "--devices", "4"),
-            *("--no-baselines", "--out", str(out), *overrides),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env={**os.environ, "COLUMNS": "200"},
+    result = simulate(
+        *("--preset", "real", "--devices", "4", "--no-baselines", "--out", str(out), *overrides), timeout=1200
     )
     yield result, out / "real"
     shutil.rmtree(out, ignore_errors=True)  # about 6 GB: four merged SmolLM2 checkpoints and their GGUFs
@@ -55,7 +46,7 @@ def test_real_profile_runs_end_to_end_on_smollm2_devices(
     run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
     result, out = run
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, tail(result)
     results = RunResults.model_validate_json((out / "metrics.json").read_text())
     devices = {row.device: row for row in results.devices}
     assert {row.preset for row in devices.values()} == {"smollm2-135m"}

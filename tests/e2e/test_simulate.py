@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deepfusion.cloud.rounds import RoundState
 from deepfusion.cloud.sim.results import RunResults
+from tests.e2e.simulate import simulate, tail
 
-BIN = Path(sys.executable).parent
 DROPPED = "fin-01"
 HOSTILE = "med-01"
 DEVICES = 6  # three per domain: a cluster needs three members to tell the hostile one from the others
@@ -31,15 +30,10 @@ EXPECTED_ROWS = {
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
     out = tmp_path_factory.mktemp("results")
-    result = subprocess.run(
-        [
-            *(str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--secure", "--out", str(out)),
-            *("--devices", str(DEVICES), "--drop", DROPPED, "--poison", HOSTILE),
-        ],
-        capture_output=True,
-        text=True,
+    result = simulate(
+        *("--quick", "--secure", "--out", str(out), "--devices", str(DEVICES)),
+        *("--drop", DROPPED, "--poison", HOSTILE),
         timeout=600,
-        env={**__import__("os").environ, "COLUMNS": "200"},
     )
     return result, out / "quick"
 
@@ -50,7 +44,7 @@ def test_quick_federation_completes_with_a_dropped_and_a_hostile_device(
     run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
     result, out = run
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, tail(result)
     state = RoundState.model_validate_json(
         (out / "store" / "quick" / "rounds" / "0" / "state.json").read_text()
     )
@@ -124,20 +118,10 @@ def test_quick_release_loads_with_plain_transformers(
 
 
 def test_simulate_refuses_an_unknown_device_to_drop(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--out", str(tmp_path), "--drop", "nobody"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = simulate("--quick", "--out", str(tmp_path), "--drop", "nobody", timeout=120)
     assert result.returncode == 1 and "no such device" in result.stdout
 
 
 def test_simulate_refuses_a_bad_profile_key(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [str(BIN / "deepfusion-cloud"), "simulate", "--quick", "--set", "student.stepz=3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = simulate("--quick", "--set", "student.stepz=3", timeout=60)
     assert result.returncode == 2 and "stepz" in result.stdout
