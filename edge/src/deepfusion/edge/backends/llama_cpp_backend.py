@@ -6,9 +6,8 @@ norm) switched on. llama.cpp exposes no intermediate hidden states, so this back
 for the last stage only (hidden-state index L); `capabilities` says so and the packets list just that
 stage in `feature_stages`.
 
-Top-k and log-softmax run in numpy on llama.cpp's own logits buffer (no copy), with a blocked top-k:
-the row's maximum per block of 64 logits, the k best blocks (which hold every top-k logit), then an
-exact top-k among their 64 k candidates; the normaliser is one in-place exp over a reused buffer.
+Top-k and log-softmax run in numpy (`deepfusion.edge.topk`) on llama.cpp's own logits buffer (no
+copy); the exponentials go to a reused buffer.
 """
 
 from __future__ import annotations
@@ -24,40 +23,9 @@ from deepfusion.edge.backends import Backend, Capabilities, ModelShape, Sequence
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import gguf_file, read_gguf
+from deepfusion.edge.topk import topk_log_softmax
 
-__all__ = ["LlamaCppBackend", "open_backend", "topk_log_softmax"]
-
-_BLOCK = 64
-
-
-def topk_log_softmax(
-    logits: np.ndarray, k: int, scratch: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ids [n, k] (descending) and their log-softmax [n, k] float32 of float32 `logits` [n, V]."""
-    n, vocab = logits.shape
-    blocks = vocab // _BLOCK
-    if blocks <= k:  # small vocabulary: a plain partition is as fast
-        candidates = np.broadcast_to(np.arange(vocab), (n, vocab))
-    else:
-        block_max = logits[:, : blocks * _BLOCK].reshape(n, blocks, _BLOCK).max(axis=2)  # (n, blocks)
-        best = np.argpartition(block_max, blocks - k, axis=1)[:, blocks - k :]  # (n, k)
-        candidates = (best[:, :, None] * _BLOCK + np.arange(_BLOCK)).reshape(n, k * _BLOCK)
-        if vocab > blocks * _BLOCK:  # the ragged tail is always a candidate
-            tail = np.broadcast_to(np.arange(blocks * _BLOCK, vocab), (n, vocab - blocks * _BLOCK))
-            candidates = np.concatenate([candidates, tail], axis=1)
-    values = np.take_along_axis(logits, candidates, axis=1)
-    width = values.shape[1]
-    top = np.argpartition(values, width - k, axis=1)[:, width - k :]
-    top_values = np.take_along_axis(values, top, axis=1)
-    order = np.argsort(-top_values, axis=1, kind="stable")
-    ids = np.take_along_axis(np.take_along_axis(candidates, top, axis=1), order, axis=1)
-    top_values = np.take_along_axis(top_values, order, axis=1)
-    peak = top_values[:, :1]  # the row maximum
-    buffer = scratch[:n] if scratch is not None and scratch.shape[1] == vocab else np.empty_like(logits)
-    np.subtract(logits, peak, out=buffer)
-    np.exp(buffer, out=buffer)
-    lse = peak[:, 0] + np.log(buffer.sum(axis=1, dtype=np.float32))
-    return ids.astype(np.int64), top_values - lse[:, None]
+__all__ = ["LlamaCppBackend", "open_backend"]
 
 
 def open_backend(path: Path, **options: Any) -> LlamaCppBackend:
@@ -167,14 +135,12 @@ class LlamaCppBackend(Backend):
             pool = pooling_matrix([n], patches)[0] if last else None  # (P, n)
             for start, logits, embeddings in self._decode(ids):
                 m = len(logits)
-                chunk_ids, chunk_logprobs = topk_log_softmax(logits, top_k, self._scratch)
-                topk_ids[start : start + m] = chunk_ids
-                topk_logprobs[start : start + m] = chunk_logprobs
-                # log p(next token) = logit - logsumexp, where logsumexp = top-1 logit - top-1 log-prob
+                top = topk_log_softmax(logits, top_k, self._scratch)
+                topk_ids[start : start + m] = top.ids
+                topk_logprobs[start : start + m] = top.logprobs
                 targets = ids[start + 1 : start + m + 1]
                 rows = np.arange(len(targets))
-                lse = logits[rows, chunk_ids[rows, 0]] - chunk_logprobs[rows, 0]
-                total += float((logits[rows, targets] - lse).sum())
+                total += float((logits[rows, targets] - top.lse[rows]).sum())
                 if pool is not None and pooled is not None:
                     pooled += pool[:, start : start + m] @ embeddings
             results.append(
