@@ -20,9 +20,39 @@ from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import shape_from_hf_config
 from deepfusion.edge.topk import topk_log_softmax
 
-__all__ = ["TorchBackend", "open_backend"]
+__all__ = ["TorchBackend", "open_backend", "topk_in_numpy", "topk_in_torch"]
 
 SUPPORTED = ("llama", "qwen2", "gpt2", "mistral", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+
+
+def topk_in_numpy(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """Top-k ids and log-probs ([B, T, k] numpy) and log-sum-exp ([B, T] tensor) of CPU float32
+    `logits` [B, T, V], which the exponentials overwrite.
+
+    numpy's grouped selection (`deepfusion.edge.topk`) is 1.5-2x faster than torch.topk on a CPU.
+    """
+    import torch
+
+    rows = logits.reshape(-1, logits.shape[-1]).numpy()
+    top = topk_log_softmax(rows, top_k, scratch=rows)
+    lead = logits.shape[:2]
+    return (
+        top.ids.reshape(*lead, top_k),
+        top.logprobs.reshape(*lead, top_k),
+        torch.from_numpy(top.lse).view(lead),
+    )
+
+
+def topk_in_torch(logits: Any, top_k: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    """`topk_in_numpy` where the logits are (a GPU): torch.topk and an in-place log-sum-exp."""
+    import torch
+
+    values, indices = torch.topk(logits, top_k, dim=-1)  # (B, T, k), sorted descending
+    peak = values[..., :1]  # the row maximum, (B, T, 1)
+    # In place: a 49k-wide temporary per token costs more than the arithmetic (2.6x faster than
+    # torch.logsumexp).
+    lse = peak[..., 0] + torch.log(logits.sub_(peak).exp_().sum(dim=-1))  # (B, T)
+    return indices.cpu().numpy(), (values - lse[..., None]).cpu().numpy(), lse
 
 
 def open_backend(path: Path, **options: Any) -> TorchBackend:
@@ -102,21 +132,8 @@ class TorchBackend(Backend):
         )
         logits = out.logits.float()  # (B, T, V), float32 whatever the model dtype
         target_logit = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # logit of token t + 1
-        if logits.device.type == "cpu":
-            # numpy's grouped selection is 1.5-2x faster than torch.topk on a CPU (deepfusion.edge.topk);
-            # the exponentials overwrite the logits, which are not needed again.
-            rows = logits.reshape(-1, logits.shape[-1]).numpy()
-            top = topk_log_softmax(rows, top_k, scratch=rows)
-            topk_ids = top.ids.reshape(*logits.shape[:2], top_k)
-            topk_logprobs = top.logprobs.reshape(*logits.shape[:2], top_k)
-            lse = torch.from_numpy(top.lse).view(logits.shape[:2])
-        else:
-            values, indices = torch.topk(logits, top_k, dim=-1)  # (B, T, k), sorted descending
-            peak = values[..., :1]  # the row maximum, (B, T, 1)
-            # log-sum-exp in place: a 49k-wide temporary per token costs more than the arithmetic
-            lse = peak[..., 0] + torch.log(logits.sub_(peak).exp_().sum(dim=-1))  # (B, T)
-            topk_logprobs = (values - lse[..., None]).cpu().numpy()
-            topk_ids = indices.cpu().numpy()
+        choose = topk_in_numpy if logits.device.type == "cpu" else topk_in_torch
+        topk_ids, topk_logprobs, lse = choose(logits, top_k)
         target = ((target_logit - lse[:, :-1]) * mask[:, 1:]).sum(dim=1).cpu().numpy()
         features = None
         if layers:
