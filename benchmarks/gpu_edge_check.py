@@ -9,9 +9,9 @@ or a Llama/Qwen2 checkpoint of your own); nothing is downloaded. Three parts, on
    validation loss before and after, tokens/s, peak device memory.
 2. `qlora`: the same on a 4-bit NF4 base, when bitsandbytes and CUDA are present; else the refusal
    the user would see.
-3. `scoring`: the torch backend on `--device` (torch.topk path) against the same backend on the CPU
-   (numpy path), on windows of the data: top-1 agreement, largest log-prob gap, NLL gap; and on the
-   device, plain forward vs scoring tokens/s (the edge benchmark's ratio).
+3. `scoring`: the torch backend on `--device` against the same backend on the CPU, on windows of the
+   data: top-1 agreement, largest log-prob gap, NLL gap; and on the device, plain forward vs scoring
+   tokens/s (the edge benchmark's ratio).
 
 Runs on the CPU too (`--device cpu`: part 2 then shows the refusal), which is how it is checked here.
 """

@@ -5,19 +5,28 @@ A per-row selection over the whole vocabulary costs more than the forward pass o
 row first with a vectorised reduction: the V logits fall into G = V // 8 strided groups (group g holds
 g, g + G, g + 2G, ...), and the k groups with the highest maxima hold every top-k logit (the k-th
 largest group maximum is itself one of k distinct logits at or above it, so no top-k logit lies in a
-lower group). An exact selection among those 8 k candidates follows. With the log-sum-exp, it is
-2.0x faster than torch.topk at V = 4,096 and 1.5x at V = 49,152 (one thread).
+lower group). An exact selection among those 8 k candidates follows.
+
+Rows go in blocks of 64, so that each block's logits stay in cache across the passes (group maxima,
+gathers, exponentials); with a thread pool the blocks run in parallel, numpy releasing the GIL in each
+pass. Measured on 2,048 rows, top-32, against torch.topk with the same in-place log-sum-exp: 1.5x
+faster at V = 4,096 and 1.7x at V = 49,152 on one thread; on two, as fast at V = 4,096 and 1.5x
+faster at V = 49,152.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TopK", "topk_log_softmax"]
+__all__ = ["Map", "TopK", "topk_log_softmax"]
 
 _GROUP = 8  # logits per strided group: the fastest of 2-64 at both vocabulary sizes measured
+_ROWS = 64  # rows per block: 32-64 were the fastest at V = 4,096 and 49,152
+
+Map = Callable[[Callable[[int], None], Iterable[int]], Iterator[None]]  # e.g. ThreadPoolExecutor.map
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,12 +36,36 @@ class TopK:
     lse: np.ndarray  # [n] float32 log-sum-exp of each row: log p(i) = logit(i) - lse
 
 
-def topk_log_softmax(logits: np.ndarray, k: int, scratch: np.ndarray | None = None) -> TopK:
+def topk_log_softmax(
+    logits: np.ndarray, k: int, scratch: np.ndarray | None = None, *, parallel: Map | None = None
+) -> TopK:
     """Top-k of float32 `logits` [n, V] and the rows' log-softmax there.
 
     `scratch` ([>= n, V] float32) receives the exponentials; it may be `logits` itself when the caller
-    needs the logits no more (saves a V-wide buffer per row).
+    needs the logits no more (saves a V-wide buffer per row). `parallel` (a thread pool's `map`) runs the
+    row blocks in parallel; without it they run one after the other.
     """
+    n = len(logits)
+    buffer = scratch[:n] if scratch is not None else np.empty_like(logits)
+    ids = np.empty((n, k), dtype=np.int64)
+    logprobs = np.empty((n, k), dtype=np.float32)
+    lse = np.empty(n, dtype=np.float32)
+
+    def block(start: int) -> None:
+        rows = slice(start, min(start + _ROWS, n))
+        ids[rows], logprobs[rows], lse[rows] = _block_topk(logits[rows], k, buffer[rows])
+
+    starts = range(0, n, _ROWS)
+    if parallel is None:
+        for start in starts:
+            block(start)
+    else:
+        for _ in parallel(block, starts):  # waits for every block, re-raises its errors
+            pass
+    return TopK(ids=ids, logprobs=logprobs, lse=lse)
+
+
+def _block_topk(logits: np.ndarray, k: int, buffer: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, vocab = logits.shape
     groups = vocab // _GROUP
     if groups <= k:  # small vocabulary: every logit is a candidate
@@ -52,8 +85,7 @@ def topk_log_softmax(logits: np.ndarray, k: int, scratch: np.ndarray | None = No
     ids = np.take_along_axis(np.take_along_axis(candidates, top, axis=1), order, axis=1)
     top_values = np.take_along_axis(top_values, order, axis=1)
     peak = top_values[:, :1]  # the row maximum
-    buffer = scratch[:n] if scratch is not None else np.empty_like(logits)
     np.subtract(logits, peak, out=buffer)
     np.exp(buffer, out=buffer)
     lse = peak[:, 0] + np.log(buffer.sum(axis=1, dtype=np.float32))
-    return TopK(ids=ids.astype(np.int64), logprobs=top_values - lse[:, None], lse=lse)
+    return ids, top_values - lse[:, None], lse

@@ -6,14 +6,15 @@ norm) switched on. llama.cpp exposes no intermediate hidden states, so this back
 for the last stage only (hidden-state index L); `capabilities` says so and the packets list just that
 stage in `feature_stages`.
 
-Top-k and log-softmax run in numpy (`deepfusion.edge.topk`) on llama.cpp's own logits buffer (no
-copy); the exponentials go to a reused buffer.
+Top-k and log-softmax run in numpy (`deepfusion.edge.topk`, row blocks on `threads` threads) on
+llama.cpp's own logits buffer (no copy); the exponentials go to a reused buffer.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +85,14 @@ class LlamaCppBackend(Backend):
         )
         self.batch_tokens = batch_tokens
         self._scratch = np.empty((batch_tokens, self.shape.vocab_size), dtype=np.float32)
+        self._pool = ThreadPoolExecutor(threads or os.cpu_count(), thread_name_prefix="topk")
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
             self.llm = None
+        self._pool.shutdown()
 
     def _decode(self, ids: np.ndarray) -> Any:
         """Decode one sequence chunk by chunk; yield (start, logits view [m, V], embeddings view [m, W])."""
@@ -135,7 +138,7 @@ class LlamaCppBackend(Backend):
             pool = pooling_matrix([n], patches)[0] if last else None  # (P, n)
             for start, logits, embeddings in self._decode(ids):
                 m = len(logits)
-                top = topk_log_softmax(logits, top_k, self._scratch)
+                top = topk_log_softmax(logits, top_k, self._scratch, parallel=self._pool.map)
                 topk_ids[start : start + m] = top.ids
                 topk_logprobs[start : start + m] = top.logprobs
                 targets = ids[start + 1 : start + m + 1]
