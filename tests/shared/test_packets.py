@@ -180,6 +180,11 @@ RULES = [
     ("negative sequence loss", _set("seq_nll", _at((0,), -1.0)), RejectReason.BAD_NLL),
     ("infinite feature", _set("features", _at((0, 0, 0, 0), np.inf)), RejectReason.BAD_FEATURES),
     ("huge feature", _set("features", _at((0, 0, 0, 0), 60000.0)), RejectReason.BAD_FEATURES),
+    ("empty top-k row", _set("topk_ids", _at((2, slice(None)), 65535)), RejectReason.BAD_LOGPROBS),
+    ("+inf log-prob", _set("topk_logprobs", _at((1, 1), np.inf)), RejectReason.BAD_LOGPROBS),
+    ("finite log-prob on padding", _set("topk_ids", _at((0, 7), 65535)), RejectReason.BAD_LOGPROBS),
+    ("NaN feature", _set("features", _at((1, 0, 1, 3), np.nan)), RejectReason.BAD_FEATURES),
+    ("huge negative feature", _set("features", _at((0, 1, 0, 0), -10016.0)), RejectReason.BAD_FEATURES),
 ]
 
 
@@ -192,6 +197,99 @@ def test_validation_rule(name, mutate, reason):
     with pytest.raises(PacketError) as info:
         decode(raw_bytes(tensors, meta))
     assert info.value.reason == reason, info.value
+
+
+def _reference_reason(tensors: Tensors, vocab_size: int) -> RejectReason | None:
+    """The value rules on top-k rows and features, written plainly in float32 and row by row."""
+    ids, logprobs = tensors["topk_ids"], tensors["topk_logprobs"].astype(np.float32)
+    sentinel = sentinel_for(ids.dtype)
+    for row_ids in ids:
+        real = row_ids != sentinel
+        n_real = int(real.sum())
+        if n_real == 0 or not real[:n_real].all():
+            return RejectReason.BAD_LOGPROBS
+    for row_ids in ids:
+        if (row_ids[row_ids != sentinel] >= vocab_size).any():
+            return RejectReason.ID_OUT_OF_VOCAB
+    for row_ids in ids:
+        real_ids = row_ids[row_ids != sentinel].tolist()
+        if len(set(real_ids)) != len(real_ids):
+            return RejectReason.DUPLICATE_TOPK_ID
+    for row_ids, row_lp in zip(ids, logprobs, strict=True):
+        real = row_ids != sentinel
+        if not np.isfinite(row_lp[real]).all() or (row_lp[real] > 0).any():
+            return RejectReason.BAD_LOGPROBS
+        if not np.isneginf(row_lp[~real]).all():
+            return RejectReason.BAD_LOGPROBS
+    if (np.exp(logprobs).sum(axis=1) > 1 + 2e-3).any():
+        return RejectReason.MASS_EXCEEDS_ONE
+    feats = tensors["features"].astype(np.float32)
+    if not np.isfinite(feats).all() or (np.abs(feats) > 1e4).any():
+        return RejectReason.BAD_FEATURES
+    return None
+
+
+def test_bit_level_checks_agree_with_plain_float32_rules():
+    """The codec judges float16 values by their bit patterns; random bit flips and ids must get the
+    verdict that plain float32 comparisons give, on the mass boundary and around every special value."""
+    rng = np.random.default_rng(11)
+    packet = make_packet(seed=5, top_p=0.3)
+    base, meta = packet.tensors(), packet.header.to_metadata()
+    base["topk_ids"], base["topk_logprobs"] = apply_top_p(base["topk_ids"], base["topk_logprobs"], 0.3)
+    sentinel = sentinel_for(base["topk_ids"].dtype)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -65504.0, 1e4, -1e4, 10008.0, 6e-8], np.float16)
+    verdicts = []
+    for trial in range(400):
+        tensors = {name: array.copy() for name, array in base.items()}
+        ids, lp, feats = tensors["topk_ids"], tensors["topk_logprobs"], tensors["features"]
+        for _ in range(int(rng.integers(1, 3))):
+            row, col = int(rng.integers(len(ids))), int(rng.integers(ids.shape[1]))
+            change = trial % 5
+            if change == 0:
+                lp[row, col] = rng.integers(0, 2**16, dtype=np.uint16).view(np.float16)
+            elif change == 1:
+                lp[row, col] = rng.choice(specials)
+            elif change == 2:
+                ids[row, col] = rng.choice([sentinel, int(rng.integers(0, 1000)), 1000, int(ids[row, 0])])
+            elif change == 3:
+                lp[row, :] = np.log(np.float16(rng.uniform(0.05, 0.2)))  # near the mass limit
+            else:
+                index = tuple(int(rng.integers(n)) for n in feats.shape)
+                feats[index] = rng.choice(
+                    [*specials, rng.integers(0, 2**16, dtype=np.uint16).view(np.float16)]
+                )
+        try:
+            decode(raw_bytes(tensors, meta))
+            verdict = None
+        except PacketError as err:
+            verdict = err.reason
+        expected = _reference_reason(tensors, packet.header.vocab_size)
+        assert verdict == expected, (trial, verdict, expected)
+        verdicts.append(verdict)
+    # Every kind of verdict occurred, so the comparison covered each rule and acceptance.
+    assert set(verdicts) >= {
+        None,
+        RejectReason.BAD_LOGPROBS,
+        RejectReason.ID_OUT_OF_VOCAB,
+        RejectReason.DUPLICATE_TOPK_ID,
+        RejectReason.MASS_EXCEEDS_ONE,
+        RejectReason.BAD_FEATURES,
+    }
+
+
+def test_duplicate_ids_found_with_32_bit_ids_and_padding_is_not_a_duplicate():
+    packet = make_packet(seed=3, vocab_size=70_000, top_p=0.3)
+    tensors, meta = packet.tensors(), packet.header.to_metadata()
+    tensors["topk_ids"], tensors["topk_logprobs"] = apply_top_p(
+        tensors["topk_ids"], tensors["topk_logprobs"], 0.3
+    )
+    ids = tensors["topk_ids"]
+    assert ids.dtype == np.uint32 and (ids == sentinel_for(ids.dtype)).sum(axis=1).max() > 1
+    decode(raw_bytes(tensors, meta))  # rows padded with several sentinels are accepted
+    ids[4, 1] = ids[4, 0]
+    with pytest.raises(PacketError) as info:
+        decode(raw_bytes(tensors, meta))
+    assert info.value.reason == RejectReason.DUPLICATE_TOPK_ID
 
 
 def test_encoder_refuses_what_decoder_refuses():
