@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from deepfusion.cloud.ingest import IngestContext, store_packet
-from deepfusion.cloud.shards import publish_shard
+from deepfusion.cloud.shards import list_shards, publish_shard
 from deepfusion.edge.agent import RateLimiter
 from deepfusion.edge.agent_config import load_device_config
 from deepfusion.edge.fetch import FetchError, fetch_shard
@@ -254,6 +254,18 @@ def test_fetch_checks_the_checksum(tmp_path: Path, shard_texts: list[str]) -> No
     bad = ref.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(FetchError, match="sha256"):
         fetch_shard(bad, tmp_path / "other")
+
+
+def test_shard_texts_with_unicode_line_breaks_round_trip(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 stay inside their text: only an escaped-free newline ends a line."""
+    texts = ["one\u2028two", "next\x85line", "para\u2029graph", "plain\nnewline", "ok"]
+    store = open_store(str(tmp_path / "store"))
+    ref = publish_shard(store, FED, SHARD, texts)
+    assert ref.sequences == len(texts)
+    assert fetch_shard(ref, tmp_path / "cache") == texts
+    assert [s.sequences for s in list_shards(store, FED)] == [len(texts)]
+    store.put(f"{FED}/shards/broken.jsonl.zst", b"not zstd")  # left out, the readable shard stays
+    assert [s.shard for s in list_shards(store, FED)] == [SHARD]
 
 
 @pytest.mark.s3

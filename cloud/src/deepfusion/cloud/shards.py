@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +31,8 @@ __all__ = [
     "shard_key",
 ]
 
+log = logging.getLogger(__name__)
+
 SUFFIX = ".jsonl.zst"
 
 
@@ -44,7 +47,9 @@ def encode_shard(texts: Sequence[str]) -> bytes:
 
 def _decode_shard(body: bytes) -> list[str]:
     text = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31).decode("utf-8")
-    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+    # Only "\n" ends a line: json.dumps escapes it, but not U+2028, U+0085 and the other breaks that
+    # str.splitlines also splits on.
+    return [json.loads(line)["text"] for line in text.split("\n") if line.strip()]
 
 
 def publish_shard(store: ObjectStore, federation: str, shard: str, texts: Sequence[str]) -> ShardRef:
@@ -86,7 +91,10 @@ def read_texts(path: Path) -> Iterator[str]:
 
 
 def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = None) -> list[ShardRef]:
-    """Every shard in the store, sorted by id, with a fresh URL (presigned on S3) and its checksum."""
+    """Every readable shard in the store, sorted by id, with a fresh URL (presigned on S3) and its checksum.
+
+    A shard that does not decode is left out with an error in the log: rounds go on with the others.
+    """
     refs = []
     prefix = f"{federation}/shards/"
     for key in store.list(prefix):
@@ -94,12 +102,17 @@ def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = 
         if "/" in name or not name.endswith(SUFFIX):
             continue
         body = store.get(key)
+        try:
+            sequences = len(_decode_shard(body))
+        except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            log.error('left out shard %s: not a JSONL.zst shard of {"text": ...} lines (%s)', key, exc)
+            continue
         refs.append(
             ShardRef(
                 shard=name[: -len(SUFFIX)],
                 url=store.url(key, expires_s),
                 sha256=hashlib.sha256(body).hexdigest(),
-                sequences=len(_decode_shard(body)),
+                sequences=sequences,
             )
         )
     return refs

@@ -58,7 +58,9 @@ def decode_shard(body: bytes) -> list[str]:
     """The texts of a shard's bytes, in line order."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_SHARD_BYTES)
-        return [str(json.loads(line)["text"]) for line in raw.decode("utf-8").splitlines() if line.strip()]
+        # Only "\n" ends a line: json.dumps escapes it, but not U+2028, U+0085 and the other breaks
+        # that str.splitlines also splits on.
+        return [str(json.loads(line)["text"]) for line in raw.decode("utf-8").split("\n") if line.strip()]
     except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise FetchError(f"not a JSONL.zst shard: {exc}") from None
 
