@@ -8,8 +8,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deepfusion.cloud.ingest import IngestContext
+from deepfusion.cloud.registry import MAX_THROUGHPUT, DeviceRecord
 from deepfusion.cloud.rounds import close_decision, coverage_report, plan_assignments, quotas
-from deepfusion.shared.messages import RejectReason, RoundSpec, ShardAssignment, ShardRef
+from deepfusion.shared.messages import (
+    DeviceStatus,
+    RejectReason,
+    RoundSpec,
+    ShardAssignment,
+    ShardRef,
+    decode_message,
+)
 from tests.shared.packet_factory import FINGERPRINT, make_packet
 
 
@@ -128,3 +136,19 @@ def test_ingest_context_rules():
     assert reason(device="dev-2") == RejectReason.TOKENIZER_MISMATCH  # the round's, not the card's
     assert reason(shard="shard-1") == RejectReason.NOT_ASSIGNED
     assert reason(sequences=3) == RejectReason.NOT_ASSIGNED  # sequence ids 0, 7, 14: 14 is outside
+
+
+@pytest.mark.parametrize("announced", ["1e400", "Infinity", "NaN", "-5", "true", "1e308"])
+def test_a_device_announcing_an_absurd_throughput_cannot_break_the_plan(announced):
+    """The throughput is a device's own extra field: inf, NaN, negatives and booleans count as unknown,
+    huge values are capped, and the round is still planned with every sequence covered."""
+    payload = (
+        '{"federation": "fed", "device": "odd", "state": "online", "sequences_per_s": ' + announced + "}"
+    ).encode()
+    odd = DeviceRecord("odd", status=decode_message(DeviceStatus, payload))
+    records = [odd, DeviceRecord("a"), DeviceRecord("b")]
+    throughput = {r.device: t for r in records if (t := r.throughput) is not None}
+    assert all(0 < t <= MAX_THROUGHPUT for t in throughput.values())
+    assert throughput.get("odd") == (MAX_THROUGHPUT if announced == "1e308" else None)
+    plan = plan_assignments(_shards(100), {"odd": 0, "a": 0, "b": 0}, 2, throughput)
+    assert sum(a.stop - a.start for r in plan.values() for a in r) == 200

@@ -14,6 +14,7 @@ device must not blind the cloud to the others.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,9 @@ THROUGHPUT_FIELD = "sequences_per_s"
 """Optional extra field of a DeviceCard or DeviceStatus: public sequences the device scores per second.
 Round planning balances work by it; devices that do not announce it count as equally fast."""
 
+MAX_THROUGHPUT = 1e6
+"""Announced throughputs above this count as this: far beyond any device, finite in every sum."""
+
 T = TypeVar("T")
 
 
@@ -64,11 +68,15 @@ class DeviceRecord:
 
     @property
     def throughput(self) -> float | None:
-        """Announced sequences per second (status first: it is the fresher), or None."""
+        """Announced sequences per second (status first: it is the fresher), or None.
+
+        A device writes this field itself: anything but a finite positive number (JSON's 1e400 parses
+        as inf) is ignored, and the rest is capped, so one device cannot upset the round's plan.
+        """
         for message in (self.status, self.card):
             value = (message.model_extra or {}).get(THROUGHPUT_FIELD) if message is not None else None
-            if isinstance(value, int | float) and value > 0:
-                return float(value)
+            if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
+                return min(float(value), MAX_THROUGHPUT)
         return None
 
 
