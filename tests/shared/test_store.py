@@ -378,6 +378,21 @@ def test_s3_missing_bucket_is_reported_as_such(
 
 
 @pytest.mark.s3
+def test_s3_failed_multipart_upload_is_a_store_error(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The multipart path (boto3's transfer manager, its own threads) fails as a plain put does."""
+    from deepfusion.shared.store.s3 import S3Store
+
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    store = S3Store(
+        "no-such-bucket-here", "p", endpoint_url=s3_server.endpoint_url, multipart_threshold=5 * MiB
+    )
+    with pytest.raises(StoreError, match="no-such-bucket-here"):
+        store.put("big", b"x" * (6 * MiB))
+
+
+@pytest.mark.s3
 def test_s3_unreachable_endpoint_is_reported_as_such(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import socket
 
