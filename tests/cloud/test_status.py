@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from deepfusion.cloud.registry import FederationView
+from deepfusion.shared.messages import encode_message
+from deepfusion.shared.mqtt import MqttClient
 from deepfusion.shared.store import open_store
-from tests.cloud.federation import SimDevice, base_overrides
+from deepfusion.shared.topics import card_topic
+from tests.cloud.federation import FED, SimDevice, base_overrides, card_for
 from tests.fixtures.broker import wait_for
 
 pytestmark = pytest.mark.mqtt
@@ -50,3 +54,22 @@ def test_status_watch_shows_a_device_that_joins_after_it_started(broker, tmp_pat
     assert watch.returncode == 0, err[-2000:]
     # Off a terminal, rich prints the live table once, as it was last refreshed.
     assert "pi-early" in out and "pi-late" in out, out
+
+
+def test_view_settles_on_every_retained_card_even_after_a_slow_connect(broker) -> None:
+    """The quiet time starts once connected: a view subscribed long before its connection returned still
+    waits for the broker's burst of retained cards instead of reporting an empty federation."""
+    with MqttClient(broker.config(), "publisher") as publisher:
+        for i in range(20):
+            card = card_for(f"pi-{i:02d}")
+            publisher.publish_and_wait(card_topic(FED, card.device), encode_message(card), retain=True)
+    view = FederationView(FED)
+    client = MqttClient(broker.config(), "watcher")
+    view.subscribe(client)
+    time.sleep(0.6)  # longer than the quiet time below, as a connection over TLS to a far broker takes
+    client.connect()
+    try:
+        view.wait_settled(0.5)
+        assert len(view.cards()) == 20
+    finally:
+        client.close()

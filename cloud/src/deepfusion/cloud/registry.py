@@ -124,12 +124,17 @@ class FederationView:
             return self._cond.wait_for(lambda: predicate(self), timeout)
 
     def wait_settled(self, quiet_s: float, timeout: float = 10.0) -> None:
-        """Wait until no retained message arrived for `quiet_s` seconds (at most `timeout`)."""
-        deadline = time.monotonic() + timeout
+        """Wait until no retained message arrived for `quiet_s` seconds (at most `timeout`).
+
+        The quiet time counts from this call at the earliest: retained messages start to arrive only
+        after the broker answered the subscriptions, which a returning `connect()` has not waited for.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
         with self._cond:
             while True:
                 now = time.monotonic()
-                quiet_until = self._last_update + quiet_s
+                quiet_until = max(self._last_update, start) + quiet_s
                 if now >= quiet_until or now >= deadline:
                     return
                 self._cond.wait(min(quiet_until, deadline) - now)
@@ -138,8 +143,6 @@ class FederationView:
 
     def subscribe(self, client: MqttClient) -> None:
         """Subscribe `client` to every retained topic of the federation (before or after connect)."""
-        with self._cond:
-            self._last_update = time.monotonic()
         client.subscribe(device_filter(self.federation, TopicKind.CARD), self.handle)
         client.subscribe(device_filter(self.federation, TopicKind.STATUS), self.handle)
         client.subscribe(round_topic(self.federation), self.handle)
