@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -15,6 +16,8 @@ from deepfusion.cloud.ingest_service import IngestService, read_all_counters
 from deepfusion.shared.messages import RejectReason, ShardAssignment
 from deepfusion.shared.packets import encode
 from deepfusion.shared.store import ObjectStore, open_store
+from deepfusion.shared.store.local import LocalStore
+from deepfusion.shared.topics import knowledge_topic
 from tests.cloud.federation import (
     FED,
     Service,
@@ -287,3 +290,39 @@ def test_kill9_of_a_worker_in_the_middle_of_a_stream(broker, tmp_path):
         device.close()
     _assert_exactly_once(store, 3, "dev-1", payloads)
     assert len(device.acks) == len(payloads) and all(a.accepted for a in device.acks.values())
+
+
+def test_a_stopping_worker_acks_and_counts_every_packet_it_stored(broker, mqtt_client, tmp_path):
+    """SIGTERM with a backlog: what the store threads still write goes out with its Ack and is counted."""
+
+    class SlowStore(LocalStore):
+        def put(self, key: str, data: bytes) -> None:
+            time.sleep(0.05)  # a backlog builds up in the worker's queue
+            super().put(key, data)
+
+    store = SlowStore(tmp_path / "store")
+    config = config_from([*base_overrides(broker, str(tmp_path / "store")), "ingest.threads=2"])
+    service = IngestService(config, store=store)
+    stop = threading.Event()
+    worker = threading.Thread(target=service.run, args=(stop,), daemon=True)
+    coordinator = mqtt_client(broker.config(), "test-coordinator")
+    open_round(coordinator, {"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=64)]})
+    device = SimDevice(broker.config(), "dev-1")
+    try:
+        device.publish_card()
+        worker.start()
+        assert service.ready.wait(20)
+        for payload in packets_for("dev-1", 3, "shard-0", list(range(60)), per_packet=2):
+            device.client.publish(knowledge_topic(FED, "dev-1"), payload)
+        wait_for(lambda: len(_stored(store, 3)) >= 4, 20, "the first writes")
+        stop.set()
+        worker.join(30)
+        assert not worker.is_alive()
+        stored = {key.rsplit("/", 1)[1].removesuffix(".dfk") for key in _stored(store, 3)}
+        assert len(stored) >= 4
+        wait_for(lambda: stored <= device.acks.keys(), 10, "an Ack for every stored packet")
+        assert all(device.acks[d].accepted and not device.acks[d].duplicate for d in stored)
+        assert service.counters.snapshot()["dev-1"].accepted == len(stored)
+        assert read_all_counters(store, FED)["dev-1"].accepted == len(stored)
+    finally:
+        device.close()

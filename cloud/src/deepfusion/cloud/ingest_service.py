@@ -19,8 +19,9 @@ costs CPU under the GIL. A packet whose device or round the view has not seen ye
 device and reason are written to `{fed}/ingest/{worker}.json` every `stats_interval_s` and at
 shutdown; the worker reads its file back when it starts.
 
-Restart semantics: paho acknowledges a message to the broker when the handler returns, i.e. once it
-is queued (once it is stored and acked with `threads = 0`), so a worker killed with packets queued or
+Restart semantics: a stopping worker (SIGTERM) stores and acks what it has queued before it
+disconnects. paho acknowledges a message to the broker when the handler returns, i.e. once it is
+queued (once it is stored and acked with `threads = 0`), so a worker killed with packets queued or
 half-stored loses them from the broker's view; the devices resend
 every packet that has no Ack, the resend finds the stored copy (if any) by its key, and the Ack says
 `duplicate`. Nothing is lost and nothing is stored twice.
@@ -43,7 +44,7 @@ from deepfusion.cloud.ingest import IngestContext, check_context, read_packet, s
 from deepfusion.cloud.registry import FederationView
 from deepfusion.cloud.settings import CloudConfig
 from deepfusion.shared.messages import Ack, RejectReason, encode_message
-from deepfusion.shared.mqtt import Message, MqttClient
+from deepfusion.shared.mqtt import Message, MqttClient, MqttError
 from deepfusion.shared.packets import KnowledgePacket
 from deepfusion.shared.store import ObjectNotFound, ObjectStore, StoreError, open_store
 from deepfusion.shared.topics import InvalidTopic, TopicKind, ack_topic, device_filter, shared_subscription
@@ -162,6 +163,7 @@ class IngestService:
         self._max_round_seen = -1
         self._context_lock = threading.Lock()
         self.ready = threading.Event()  # set once the worker receives packets
+        self._draining = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -197,15 +199,31 @@ class IngestService:
             while not stop.wait(self.settings.stats_interval_s):
                 self._flush_counters(key)
         finally:
-            knowledge.close()  # no new packets; what is queued is still stored and acked below
-            for _ in threads:
-                self._queue.put(_STOP)
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join(timeout=30)
+            self._drain(threads)
+            knowledge.close()
             watch.close()
             self._flush_counters(key, force=True)
             log.info("ingest %s stopped", self.settings.worker_id)
+
+    def _drain(self, threads: list[threading.Thread]) -> None:
+        """Store and ack what is queued while still connected, so that the Acks can go out.
+
+        From here on the network thread handles what still arrives itself instead of queueing it, and
+        whatever a race left behind the stop markers is handled here.
+        """
+        self._draining.set()
+        for _ in threads:
+            self._queue.put(_STOP)
+        for thread in threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                self._handle_safely(item)
 
     def _flush_counters(self, key: str, force: bool = False) -> None:
         if not (force or self.counters.dirty):
@@ -218,7 +236,7 @@ class IngestService:
     # -- packets ---------------------------------------------------------------------------------------
 
     def _enqueue(self, message: Message) -> None:
-        if self.settings.threads == 0:
+        if self.settings.threads == 0 or self._draining.is_set():
             self._handle_safely(message)
         else:
             self._queue.put(message)  # blocks when full: the broker keeps the rest queued for us
@@ -263,10 +281,14 @@ class IngestService:
         return ack
 
     def _answer(self, ack: Ack, size: int) -> None:
+        self.counters.record(ack, size)  # what the store holds counts, whether or not the Ack goes out
         client = self._client
-        if client is not None:
+        if client is None:
+            return
+        try:
             client.publish(ack_topic(self.federation, ack.device), encode_message(ack), qos=1)
-        self.counters.record(ack, size)
+        except MqttError as exc:  # closed or disconnected: the device resends and hears `duplicate`
+            log.warning("no Ack for packet %s of %s: %s", ack.packet[:12], ack.device, exc)
 
     def _after_write(self) -> None:
         limit = self.settings.fault_kill_after_writes
