@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -10,6 +12,7 @@ from deepfusion.cloud.ingest import knowledge_key, store_packet
 from deepfusion.shared.messages import RejectReason
 from deepfusion.shared.packets import encode
 from deepfusion.shared.store import open_store
+from deepfusion.shared.store.local import LocalStore
 from deepfusion.shared.topics import InvalidTopic, knowledge_topic, status_topic
 from tests.shared.packet_factory import make_packet
 
@@ -29,6 +32,31 @@ def test_accepted_packet_is_stored_once_and_duplicates_are_acked(store):
     assert again.accepted and again.duplicate
     assert list(store.list("fed/")) == [knowledge_key("fed", 3, "pi-1", digest)]
     assert store.get(knowledge_key("fed", 3, "pi-1", digest)) == payload
+
+
+def test_one_packet_handled_twice_at_once_is_stored_and_acked_as_new_once(tmp_path):
+    """A resend can reach a second worker while the first still writes: one Ack says new, the rest
+    duplicate. The slow write keeps every handler inside the store call at the same time."""
+
+    class SlowStore(LocalStore):
+        def put(self, key: str, data: bytes) -> None:
+            time.sleep(0.2)
+            super().put(key, data)
+
+        def put_new(self, key: str, data: bytes) -> bool:
+            time.sleep(0.2)
+            return super().put_new(key, data)
+
+    store = SlowStore(tmp_path / "store")
+    payload = encode(make_packet(seed=1, device="pi-1", federation="fed"))
+    topic = knowledge_topic("fed", "pi-1")
+    with ThreadPoolExecutor(6) as pool:
+        acks = list(
+            pool.map(lambda _: store_packet(store, "fed", topic, payload, max_bytes=1 << 20), range(6))
+        )
+    assert all(a.accepted for a in acks)
+    assert [a.duplicate for a in acks].count(False) == 1
+    assert len(list(store.list("fed/"))) == 1
 
 
 @pytest.mark.parametrize(

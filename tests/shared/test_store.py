@@ -108,6 +108,23 @@ def test_overwrite_replaces_the_whole_object(store: ObjectStore) -> None:
     assert store.get("state.json") == b"v2"
 
 
+def test_put_new_writes_once_even_when_writers_race(store: ObjectStore) -> None:
+    assert store.put_new("r/packet.dfk", b"first") is True
+    assert store.put_new("r/packet.dfk", b"second") is False
+    assert store.get("r/packet.dfk") == b"first"
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> bool:
+        barrier.wait()
+        return store.put_new("r/raced.dfk", f"writer {i}".encode())
+
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(write, range(8)))
+    assert created.count(True) == 1
+    assert store.get("r/raced.dfk") == f"writer {created.index(True)}".encode()
+    assert sorted(store.list("r/")) == ["r/packet.dfk", "r/raced.dfk"]
+
+
 def test_exists_and_idempotent_delete(store: ObjectStore) -> None:
     assert not store.exists("r1/state.json")
     store.put("r1/state.json", b"{}")
@@ -317,6 +334,8 @@ def test_local_write_onto_a_directory_fails_cleanly(tmp_path: Path) -> None:
     store.put("fed/rounds/r1/state.json", b"kept")
     with pytest.raises(StoreError, match=r"cannot write object 'fed/rounds'"):
         store.put("fed/rounds", b"cannot replace a folder")
+    with pytest.raises(StoreError, match=r"cannot write object 'fed/rounds'.*directory"):
+        store.put_new("fed/rounds", b"nor take its name")
     assert store.get("fed/rounds/r1/state.json") == b"kept"
     assert _files_under(tmp_path / "store") == ["fed/rounds/r1/state.json"]
     assert list(store.list()) == ["fed/rounds/r1/state.json"]

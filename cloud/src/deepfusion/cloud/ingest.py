@@ -164,13 +164,13 @@ def save_packet(
 ) -> Ack:
     """Store an accepted packet once under its content-addressed key; the Ack to send afterwards.
 
+    Two workers (or threads) handed the same packet at once, as a resend can make them, store it once
+    and answer `duplicate` once: the store's conditional write decides which one wrote it.
+
     Lets `StoreError` through: no Ack may be sent for a packet that is not stored.
     """
     header = packet.header
-    key = knowledge_key(federation, header.round, header.device, digest)
-    duplicate = store.exists(key)
-    if not duplicate:
-        store.put(key, payload)
+    duplicate = not store.put_new(knowledge_key(federation, header.round, header.device, digest), payload)
     return Ack(
         federation=federation,
         device=header.device,

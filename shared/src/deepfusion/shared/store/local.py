@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deepfusion.shared.store import ObjectNotFound, StoreError, validate_key, validate_prefix
@@ -40,6 +40,23 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Write to a temp file beside the target, fsync, then rename over it: readers see old or new."""
+        self._place(key, data, os.replace)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write unless an object is there; True when this call wrote it.
+
+        Atomic against concurrent writers: the temp file is hard-linked into place, which fails when
+        the name exists, where a rename would replace it.
+        """
+        if self._path(key).is_file():
+            return False
+        return self._place(key, data, os.link)
+
+    def _place(self, key: str, data: bytes, install: Callable[[Path, Path], None]) -> bool:
+        """Write `data` to a temp file beside the key's path, fsync it, then `install(temp, path)`.
+
+        False when `install` found the name taken (only `os.link` does).
+        """
         path = self._path(key)
         # A concurrent delete may prune the freshly made directory; one retry recreates it.
         for attempt in (1, 2):
@@ -50,16 +67,23 @@ class LocalStore:
                     file.write(data)
                     file.flush()
                     os.fsync(file.fileno())
-                os.replace(tmp, path)
+                install(tmp, path)
                 break
+            except FileExistsError:
+                if path.is_file():
+                    return False
+                reason = "a directory is in the way"
+                raise StoreError(f"cannot write object {key!r} to {path}: {reason}") from None
             except OSError as exc:
-                with contextlib.suppress(OSError):
-                    tmp.unlink(missing_ok=True)
                 if attempt == 1 and isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
                     continue
                 reason = exc.strerror or str(exc)
                 raise StoreError(f"cannot write object {key!r} to {path}: {reason}") from exc
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)  # gone after a rename; still there after a link
         self._sync_directory(path.parent)
+        return True
 
     @staticmethod
     def _sync_directory(directory: Path) -> None:

@@ -131,6 +131,29 @@ class S3Store:
             else:
                 self._client.upload_fileobj(io.BytesIO(data), self.bucket, name, Config=self._transfer)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """A conditional PUT (If-None-Match: *), which S3 refuses atomically when the key exists.
+
+        A server that ignores the condition overwrites: with content-addressed keys that rewrites the
+        same bytes. Bodies past the multipart threshold are checked first and written after, not
+        atomically: conditional multipart completion is not offered by every server.
+        """
+        if len(data) >= self._transfer.multipart_threshold:
+            if self.exists(key):
+                return False
+            self.put(key, data)
+            return True
+        name = self._name(key)
+        with self._errors("write", key):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*")
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412:
+                    return False
+                raise
+        return True
+
     def get(self, key: str) -> bytes:
         name = self._name(key)
         with self._errors("read", key):
