@@ -200,6 +200,21 @@ def test_burst_of_2000_qos1_messages_all_arrive(broker, mqtt_client):
     assert all(len(m.payload) == 1024 for m in received)
 
 
+def test_close_right_after_publishing_still_delivers_every_qos1_message(broker, mqtt_client):
+    """A service that publishes its last Acks and stops at once: close() waits for them to be confirmed."""
+    topic = knowledge_topic(FED, "device-1")
+    inbox = Inbox()
+    mqtt_client(broker.config(), "ingest-0").subscribe(topic, inbox)
+    publisher = MqttClient(broker.config(), "device-1")
+    publisher.connect()
+    count, filler = 300, os.urandom(16 * 1024)
+    for i in range(count):
+        publisher.publish(topic, i.to_bytes(4, "big") + filler, qos=1)
+    publisher.close()
+    received = inbox.wait_count(count, timeout=20)
+    assert sorted(int.from_bytes(m.payload[:4], "big") for m in received) == list(range(count))
+
+
 def test_auto_protocol_falls_back_to_3_1_1_on_a_3_1_1_only_broker(amqtt_broker: AmqttBroker, mqtt_client):
     topic = status_topic(FED, "device-1")
     client = mqtt_client(amqtt_broker.config(protocol="auto"), "device-1")

@@ -27,6 +27,7 @@ import random
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -158,6 +159,8 @@ class MqttClient:
         self._suback_results: dict[int, list[ReasonCode]] = {}
         self._suback_ignored: set[int] = set()  # mids of re-subscriptions and abandoned waits
         self._puback_failures: dict[int, ReasonCode] = {}
+        # QoS 1 publishes not yet acked; no more can be in flight than MQTT has packet ids.
+        self._unconfirmed: deque[paho.MQTTMessageInfo] = deque(maxlen=65535)
 
         self._paho: paho.Client | None = None
         self._protocol: ProtocolName | None = None if config.protocol == "auto" else config.protocol
@@ -276,10 +279,14 @@ class MqttClient:
             hint = "; check mqtt.username and mqtt.password and the broker's ACL"
         raise MqttError(f"the MQTT broker at {self._where()} refused the connection: {reason}{hint}")
 
-    def close(self) -> None:
-        """Disconnect cleanly (the broker discards the Last Will) and stop the network thread."""
+    def close(self, flush_s: float = 5.0) -> None:
+        """Disconnect cleanly (the broker discards the Last Will) and stop the network thread.
+
+        Waits up to `flush_s` for the QoS 1 messages still in flight: paho drops them at a disconnect.
+        """
         if self._closed:
             return
+        self._flush(flush_s)
         self._closed = True
         client, self._paho = self._paho, None
         if client is not None:
@@ -287,6 +294,25 @@ class MqttClient:
             log.info("mqtt closed client_id=%s", self._client_id)
         with self._cond:
             self._cond.notify_all()
+
+    def _flush(self, timeout: float) -> None:
+        client = self._paho
+        if client is None or not client.is_connected() or getattr(self._in_handler, "active", False):
+            return  # nothing can be confirmed any more, or the caller is the thread that would confirm
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending = list(self._unconfirmed)
+        for info in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                continue  # refused or lost with the connection: nothing to wait for
+        left = sum(not info.is_published() for info in pending)
+        if left:
+            log.warning("mqtt closing with %d messages unconfirmed client_id=%s", left, self._client_id)
 
     def __enter__(self) -> MqttClient:
         self.connect()
@@ -316,6 +342,11 @@ class MqttClient:
             info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        if qos > 0:
+            with self._lock:
+                self._unconfirmed.append(info)
+                while self._unconfirmed and self._unconfirmed[0].is_published():
+                    self._unconfirmed.popleft()
         return info
 
     def publish_and_wait(
