@@ -12,9 +12,9 @@ import pytest
 from deepfusion.cloud.coordinator import Coordinator, read_pointer, read_state, release_key
 from deepfusion.cloud.ingest import store_packet
 from deepfusion.cloud.shards import list_shards, publish_texts
-from deepfusion.shared.messages import ReleaseNote, RoundSpec, encode_message
+from deepfusion.shared.messages import DeviceState, DeviceStatus, ReleaseNote, RoundSpec, encode_message
 from deepfusion.shared.store import open_store
-from deepfusion.shared.topics import knowledge_topic, release_topic, round_topic
+from deepfusion.shared.topics import knowledge_topic, release_topic, round_topic, status_topic
 from tests.cloud.federation import FED, Service, SimDevice, base_overrides, config_from, packets_for
 from tests.fixtures.broker import Inbox, wait_for
 
@@ -165,3 +165,36 @@ def test_deadline_closes_with_or_without_quorum(broker, tmp_path, quorum, outcom
         for device in devices:
             device.close()
         client.close()
+
+
+def test_a_device_that_announced_it_is_offline_gets_no_work(broker, tmp_path):
+    """Its share would only wait for the deadline: the others cover every sequence, R per cluster."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(30)), name="pub", per_shard=30)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    names = (("a-0", 0), ("a-1", 0), ("b-0", 1))
+    devices = [SimDevice(broker.config(), name, domain=domain) for name, domain in names]
+    for device in devices:
+        device.publish_card()
+    gone = DeviceStatus(federation=FED, device="a-1", state=DeviceState.OFFLINE)
+    devices[1].client.publish_and_wait(status_topic(FED, "a-1"), encode_message(gone), retain=True)
+    try:
+        for min_devices, outcome in ((3, "round 0: waiting for devices (2/3)"), (2, "round 0: opened")):
+            coordinator = Coordinator(
+                config_from([*overrides, f"coordinator.min_devices={min_devices}"]), store
+            )
+            client = coordinator.connect()
+            try:
+                coordinator.view.wait_for(lambda v: len(v.cards()) == 3 and v.devices()["a-1"].offline, 10)
+                assert coordinator.step() == outcome
+            finally:
+                client.close()
+        state = read_state(store, FED, 0)
+        assert state is not None and set(state.clusters.assignment) == {"a-0", "a-1", "b-0"}
+        plan = state.spec.assignments
+        assert not plan.get("a-1")
+        for device in ("a-0", "b-0"):  # one device left per cluster: it scores all 30 sequences
+            assert sum(a.stop - a.start for a in plan[device]) == 30
+    finally:
+        for device in devices:
+            device.close()

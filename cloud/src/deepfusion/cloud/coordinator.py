@@ -149,8 +149,13 @@ class Coordinator:
         cards = self.view.cards()
         tokenizer = self.settings.tokenizer or _most_common([c.tokenizer for c in cards.values()])
         members = {d: c for d, c in cards.items() if c.tokenizer == tokenizer}
-        if len(members) < self.settings.min_devices:
-            return f"round {round_id}: waiting for devices ({len(members)}/{self.settings.min_devices})"
+        records = self.view.devices()
+        # A device that announced it is offline gets no work, which would only wait for the deadline;
+        # its card still counts for the clusters.
+        away = {d for d in members if d in records and records[d].offline}
+        if len(members) - len(away) < self.settings.min_devices:
+            online = len(members) - len(away)
+            return f"round {round_id}: waiting for devices ({online}/{self.settings.min_devices})"
         shards = list_shards(self.store, self.federation, expires_s=self.config.store.presign_expiry_s)
         if not shards:
             return f"round {round_id}: waiting for public shards under {self.federation}/shards/"
@@ -162,15 +167,15 @@ class Coordinator:
             seed=self.settings.seed,
             previous_centroids=previous.clusters.centroids if previous else None,
         )
-        records = self.view.devices()
         throughput = {d: t for d in members if (t := records[d].throughput) is not None}
+        working = {d: cluster for d, cluster in report.assignment.items() if d not in away}
         now = self.clock()
         spec = RoundSpec(
             federation=self.federation,
             round=round_id,
             tokenizer=tokenizer,
             shards=shards,
-            assignments=plan_assignments(shards, report.assignment, self.settings.redundancy, throughput),
+            assignments=plan_assignments(shards, working, self.settings.redundancy, throughput),
             top_k=self.settings.top_k,
             top_p=self.settings.top_p,
             stages=self.settings.stages,
@@ -194,10 +199,12 @@ class Coordinator:
         self._write_pointer(round_id)
         self._publish(round_topic(self.federation), encode_message(spec))
         self._signed = (round_id, now)
+        if away:
+            log.info("round %d: no work for %s, offline", round_id, ", ".join(sorted(away)))
         log.info(
             "round %d open: %d devices, %d shards, deadline %s\n%s",
             round_id,
-            len(members),
+            len(working),
             len(shards),
             spec.deadline.isoformat(),
             report.summary(),

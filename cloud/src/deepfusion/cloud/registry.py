@@ -67,6 +67,11 @@ class DeviceRecord:
         return self.status is not None and self.status.state != DeviceState.OFFLINE
 
     @property
+    def offline(self) -> bool:
+        """Its last status says offline (its Last Will, or a clean goodbye); no status yet is not that."""
+        return self.status is not None and self.status.state == DeviceState.OFFLINE
+
+    @property
     def throughput(self) -> float | None:
         """Announced sequences per second (status first: it is the fresher), or None.
 
