@@ -1,6 +1,7 @@
 """HF checkpoint -> ONNX scoring graph (optimum's exporter), optionally int8 with ONNX Runtime.
 
-The exported directory holds `model.onnx`, the tokenizer, `config.json` and `deepfusion-export.json`.
+The exported directory holds `model.onnx`, the tokenizer, `config.json` and `deepfusion-export.json`;
+a graph too big for one protobuf file (2 GB) keeps its weights beside it in `model.onnx.data`.
 `model.onnx` is optimum's `text-generation` graph (all-position logits, no KV cache) exported with
 every hidden state as an output, then extended with a scoring head so that only k values per token
 leave the session (a numpy log-softmax over a 49k vocabulary costs more than the forward):
@@ -38,6 +39,8 @@ OnnxQuant = Literal["fp32", "int8"]
 ONNX_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3")
 HEAD_PREFIX = "deepfusion_head/"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+# Protobuf refuses to serialize a message of 2 GiB or more (an fp32 model past about 500M parameters).
+_PROTO_LIMIT = 2**31 - 2**24
 
 
 def _optimum_export(model_dir: Path, raw_dir: Path, num_layers: int) -> None:
@@ -95,7 +98,6 @@ def _head_input(model: Any) -> str:
 
 def _add_scoring_head(model: Any, num_layers: int, last_hidden: str) -> Any:
     """Append LogSoftmax / TopK / target gather / stage pooling; drop logits and hidden outputs."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = model.graph
@@ -161,8 +163,21 @@ def _add_scoring_head(model: Any, num_layers: int, last_hidden: str) -> Any:
             ),
         ]
     )
-    onnx.checker.check_model(model)
     return model
+
+
+def _save(model: Any, path: Path) -> None:
+    """Check and write `model`; one too big for a protobuf file keeps its weights in `{name}.data`."""
+    import onnx
+
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # a previous, larger export's weights
+    if sum(tensor.ByteSize() for tensor in model.graph.initializer) < _PROTO_LIMIT:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+        return
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    onnx.checker.check_model(str(path))  # the in-memory check refuses a model past 2 GB too
 
 
 def _logits_only(model: Any) -> Any:
@@ -215,9 +230,8 @@ def export_onnx(
             raise ModelError(ErrorCode.BAD_INPUT, f"unknown ONNX quantization {quant!r}", "use fp32 or int8")
         model = onnx.load(str(raw))
         if keep_forward:
-            forward = onnx.load(str(raw))
-            onnx.save(_logits_only(forward), str(output_dir / "forward.onnx"))
-        onnx.save(_add_scoring_head(model, shape.num_layers, last_hidden), str(output_dir / "model.onnx"))
+            _save(_logits_only(onnx.load(str(raw))), output_dir / "forward.onnx")
+        _save(_add_scoring_head(model, shape.num_layers, last_hidden), output_dir / "model.onnx")
     for name in _TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, output_dir / name)
