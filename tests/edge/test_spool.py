@@ -145,3 +145,16 @@ def test_lazy_acks_reach_the_disk_with_the_next_index_write(tmp_path: Path) -> N
     spool.ack(digests[1], flush=False)
     assert spool.flush() and not spool.flush()
     assert len(Spool(tmp_path, 10_000).pending()) == 2
+
+
+def test_bytes_acked_lazily_and_added_again_stay_readable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000)
+    digest = spool.add(_packet(1), round=1, cursor=("1/s/0", 4))
+    assert spool.ack(digest, flush=False)
+    assert spool.add(_packet(1), round=1, cursor=("1/s/0", 8)) == digest  # scored again, same bytes
+    assert [e.digest for e in spool.pending()] == [digest] and spool.read(digest) == _packet(1)
+    spool.flush()
+    assert spool.read(digest) == _packet(1)
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert [e.digest for e in reopened.pending()] == [digest] and reopened.read(digest) == _packet(1)
+    assert reopened.cursor("1/s/0") == 8 and reopened.used_bytes == 100

@@ -104,7 +104,8 @@ class Spool:
         self._entries: dict[str, SpoolEntry] = {}  # insertion order = publishing order
         self._cursors: dict[str, int] = {}
         self._used = 0
-        self._acked: list[str] = []  # gone from `_entries`; files deleted once an index without them is saved
+        # Gone from `_entries`; their files are deleted once an index without them is saved.
+        self._acked: set[str] = set()
         self._recover()
 
     # -- queries ---------------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ class Spool:
         """Store one packet durably (and a scoring cursor in the same index update); its sha256.
 
         Raises `SpoolFull` when it would take the spool past its bound (nothing is stored then).
-        Adding bytes that are already spooled only updates the cursor.
+        Adding bytes that are already spooled only updates the cursor. Bytes acknowledged before are
+        spooled again, like new ones: they are published again, and ingest acks the duplicate.
         """
         digest = hashlib.sha256(data).hexdigest()
         with self._cond:
@@ -156,6 +158,7 @@ class Spool:
                 if self._used + len(data) > self.max_bytes:
                     raise SpoolFull(len(data), self._used, self.max_bytes)
                 _write_durably(self._packets / f"{digest}{_SUFFIX}", data)
+                self._acked.discard(digest)  # acked before: its file must outlive the next index write
                 self._entries[digest] = SpoolEntry(digest, round, len(data))
                 self._used += len(data)
             if cursor is not None:
@@ -235,7 +238,7 @@ class Spool:
             if entry is None:
                 return False
             self._used -= entry.size
-            self._acked.append(digest)
+            self._acked.add(digest)
             if flush:
                 self._save()
             self._cond.notify_all()
