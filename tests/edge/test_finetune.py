@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,32 @@ def test_resume_continues_from_checkpoint(tiny_llama: Path, finance_text: Path, 
     resumed = finetune(longer, progress=False)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     assert resumed.history[:4] == first.history
+    assert resumed.val_loss_before == first.val_loss_before  # the base model's, not step 4's
+
+
+def test_resume_ignores_a_checkpoint_whose_save_was_cut_short(tmp_path: Path) -> None:
+    from deepfusion.edge.finetune import _latest_checkpoint
+
+    for name in ("step-50", "step-100.partial"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "trainer_state.pt").write_bytes(b"")
+    assert _latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-50"
+
+
+def test_a_fresh_run_deletes_the_checkpoints_of_an_earlier_run(
+    tiny_llama: Path, finance_text: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deepfusion.edge.finetune import FinetuneSettings, _latest_checkpoint, finetune
+
+    old = tmp_path / "checkpoints" / "step-100"
+    old.mkdir(parents=True)
+    (old / "trainer_state.pt").write_bytes(b"an earlier run's")
+    settings = FinetuneSettings(
+        model=tiny_llama, data=finance_text, output=tmp_path, steps=1, batch_size=2, max_tokens=32,
+        save_every=0, eval_batches=1, threads=1,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="deepfusion.edge.finetune"):
+        finetune(settings, progress=False)
+    assert not old.exists()
+    assert _latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"  # what --resume takes
+    assert any("earlier run" in r.getMessage() for r in caplog.records)

@@ -10,15 +10,18 @@ clipping at 1.0; bf16 autocast where the hardware supports it (CUDA with bf16); 
 base (QLoRA) when bitsandbytes and a CUDA device are present.
 
 The output directory holds `checkpoints/step-N/` (adapter, optimizer and RNG state; `--resume` picks
-the newest), `adapter/` (the final LoRA adapter), `merged/` with `merge=True` (a plain transformers
-checkpoint: the base in float32 with the adapter folded in, loadable without peft) and `result.json`.
+the newest; a run without it first deletes those of an earlier run), `adapter/` (the final LoRA
+adapter), `merged/` with `merge=True` (a plain transformers checkpoint: the base in float32 with the
+adapter folded in, loadable without peft) and `result.json`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +34,8 @@ from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.scoring import read_texts
 
 __all__ = ["FinetuneResult", "FinetuneSettings", "evaluate_loss", "finetune", "merge_adapter"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,8 +168,21 @@ def evaluate_loss(
 
 
 def _latest_checkpoint(output: Path) -> Path | None:
-    found = sorted(output.glob("checkpoints/step-*/trainer_state.pt"), key=lambda p: int(p.parent.name[5:]))
-    return found[-1].parent if found else None
+    """The newest complete checkpoint; `step-N.partial/` is a save that was cut short."""
+    steps = {
+        int(match[1]): state.parent
+        for state in output.glob("checkpoints/step-*/trainer_state.pt")
+        if (match := re.fullmatch(r"step-(\d+)", state.parent.name))
+    }
+    return steps[max(steps)] if steps else None
+
+
+def _clear_checkpoints(output: Path) -> None:
+    """Delete an earlier run's checkpoints, which a later `--resume` of this run would pick up."""
+    checkpoints = output / "checkpoints"
+    if checkpoints.exists():
+        log.warning("deleting %s: checkpoints of an earlier run (pass --resume to continue it)", checkpoints)
+        shutil.rmtree(checkpoints)
 
 
 def _save_checkpoint(
@@ -173,6 +191,8 @@ def _save_checkpoint(
     torch = require("torch")
     directory = output / "checkpoints" / f"step-{step}"
     partial = directory.with_name(directory.name + ".partial")
+    if partial.exists():  # from a save of this step that was cut short before a resume
+        shutil.rmtree(partial)
     model.save_pretrained(partial)
     state = {
         "step": step,
@@ -183,7 +203,7 @@ def _save_checkpoint(
         "python_rng": random.getstate(),
     }
     torch.save(state, partial / "trainer_state.pt")
-    if directory.exists():  # a fresh run (no --resume) into an old output folder replaces its checkpoints
+    if directory.exists():  # incomplete (no trainer state), so the resume did not start from it
         shutil.rmtree(directory)
     partial.replace(directory)
 
@@ -234,6 +254,10 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
     start_step = 0
     output = settings.output
     output.mkdir(parents=True, exist_ok=True)
+    if not settings.resume:
+        _clear_checkpoints(output)
+    # Before a checkpoint is loaded: the LoRA weights start at zero, so this is the base model's loss.
+    val_before = evaluate_loss(model, val, settings.batch_size, device, settings.eval_batches)
     checkpoint = _latest_checkpoint(output) if settings.resume else None
     if checkpoint is not None:
         peft.set_peft_model_state_dict(model, peft.load_peft_weights(str(checkpoint), device=device))
@@ -244,7 +268,6 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
-    val_before = evaluate_loss(model, val, settings.batch_size, device, settings.eval_batches)
 
     rng = np.random.default_rng(settings.seed + start_step)
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
