@@ -117,3 +117,20 @@ def test_info(
     assert data["quantization"] in ("float32", "int8", "q4_k_m")
     table = runner.invoke(app, ["info", str(model)])
     assert table.exit_code == 0 and "fingerprint" in table.output
+
+
+def test_score_stops_with_a_clear_error_when_the_last_window_is_too_large(
+    tiny_llama: Path, held_out_texts: list[str], tmp_path: Path
+) -> None:
+    from deepfusion.edge.modelinfo import load_tokenizer
+
+    public = tmp_path / "public.jsonl"
+    text = " ".join(held_out_texts)
+    end = load_tokenizer(tiny_llama).encode(text, add_special_tokens=False).offsets[199][1]
+    long_text = text[:end]  # one window of 200 tokens, the last: about 800 KB raw at top-1024
+    public.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["A short note.", long_text]))
+    args = ["score", str(tiny_llama), "-i", str(public), "-o", str(tmp_path / "packets"), "--top-k", "1024"]
+    result = runner.invoke(app, [*args, "--max-tokens", "256", "--threads", "1", "--stages", "0"])
+    assert result.exit_code == 2, result.output
+    assert "bad_input" in result.output and "sequence 1 alone encodes to" in result.output
+    assert "--max-tokens" in result.output  # how to fix

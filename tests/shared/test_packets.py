@@ -441,11 +441,10 @@ def test_builder_reports_a_sequence_that_cannot_fit_alone():
     header = make_header(vocab_size=4096, top_k=32)
     builder = PacketBuilder(header, budget=4096)
     assert builder.add(make_sequence(rng, header, 1, 4)) == []
-    with pytest.raises(SequenceTooLarge) as info:
-        builder.add(make_sequence(rng, header, 2, 400))
-        builder.flush()
-    assert info.value.sequence_id == 2
-    assert info.value.size > 4096
+    packets = builder.add(make_sequence(rng, header, 2, 400)) + builder.flush()
+    assert [s.sequence_id for p in packets for s in decode(p).sequences()] == [1]
+    [skipped] = builder.skipped
+    assert skipped.sequence_id == 2 and skipped.size > 4096 and skipped.budget == 4096
 
 
 def test_top_p_keeps_the_shortest_prefix_reaching_p():
@@ -464,3 +463,60 @@ def test_top_p_keeps_the_shortest_prefix_reaching_p():
         assert full_probs[row, : n - 1].sum() < 0.3  # and is the shortest that does
         assert np.allclose(probs[row, :n], full_probs[row, :n])
     assert kept.sum() < kept.size  # it actually dropped something at this entropy
+
+
+def _build(
+    lengths: list[int], budget: int, **header: object
+) -> tuple[list[bytes], list[int], list[SequenceTooLarge]]:
+    """Every packet of `lengths` (sequence i has length lengths[i]), with each packet's last id and the
+    sequences left out, as a caller that drains `last_ids` and `skipped` after each call sees them."""
+    rng = np.random.default_rng(9)
+    h = make_header(**header)
+    builder = PacketBuilder(h, budget=budget)
+    packets: list[bytes] = []
+    last_ids: list[int] = []
+    skipped: list[SequenceTooLarge] = []
+    for i, length in enumerate(lengths):
+        packets += builder.add(make_sequence(rng, h, i, length))
+        last_ids += builder.last_ids
+        skipped += builder.skipped
+    packets += builder.flush()
+    last_ids += builder.last_ids
+    skipped += builder.skipped
+    return packets, last_ids, skipped
+
+
+def _packed_ids(packets: list[bytes]) -> list[int]:
+    return [s.sequence_id for p in packets for s in decode(p).sequences()]
+
+
+def test_builder_keeps_the_sequence_after_an_oversized_one():
+    packets, last_ids, skipped = _build([5, 600, 5, 5, 5], 2048, top_k=4)
+    assert _packed_ids(packets) == [0, 2, 3, 4]
+    assert last_ids == [int(decode(p).sequence_ids[-1]) for p in packets]
+    assert [(s.sequence_id, s.budget) for s in skipped] == [(1, 2048)]
+    assert skipped[0].size > 2048
+    assert "sequence 1" in str(skipped[0]) and "2048" in str(skipped[0])
+    assert all(len(p) <= 2048 for p in packets)
+
+
+def test_builder_flush_reports_an_oversized_last_sequence_and_keeps_its_packets():
+    packets, last_ids, skipped = _build([5, 5, 600], 2048, top_k=4)
+    assert _packed_ids(packets) == [0, 1]
+    assert last_ids == [1]
+    assert [s.sequence_id for s in skipped] == [2]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=st.lists(st.sampled_from([1, 5, 20, 60, 600]), min_size=1, max_size=14))
+def test_builder_cursor_never_passes_a_sequence_it_did_not_pack(lengths):
+    """Resuming after any packet (at its last id + 1) loses nothing but the oversized sequences."""
+    packets, last_ids, skipped = _build(lengths, 2048, top_k=4, feature_stages=(), feature_width=0)
+    oversized = {s.sequence_id for s in skipped}
+    assert oversized == {i for i, n in enumerate(lengths) if n == 600}  # each alone is above 2048 bytes
+    packed: list[int] = []
+    for data, last in zip(packets, last_ids, strict=True):
+        packed += _packed_ids([data])
+        assert packed[-1] == last
+        assert set(range(last + 1)) <= set(packed) | oversized
+    assert sorted(packed + sorted(oversized)) == list(range(len(lengths)))

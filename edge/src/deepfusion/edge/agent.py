@@ -11,7 +11,8 @@ What it does, in order:
    checked), scores sequences [start, stop) in batches (sequence i is line i of the shard, cut to the
    round's `max_tokens`), packs them into packets within the round's byte budget and writes each packet
    to the spool before anything is published. A new RoundSpec cancels the stale round between batches;
-   a passed deadline ends it.
+   a passed deadline ends it. A round whose scoring fails is logged, shown in the status and tried
+   again later; the agent itself keeps running.
 3. Uplink (its own thread): publishes every spooled packet with QoS 1 at the configured byte rate and
    publishes it again whenever its Ack is late; an accepted Ack removes it from the spool, a rejected
    one is logged and dropped. After a crash, reboot or broker outage the spool still holds what was
@@ -41,6 +42,7 @@ import typer
 
 from deepfusion.edge import __version__
 from deepfusion.edge.agent_config import DeviceConfig, load_device_config
+from deepfusion.edge.errors import ModelError
 from deepfusion.edge.fetch import FetchError, fetch_shard
 from deepfusion.edge.scoring import Window, batched, packet_header, read_texts, to_knowledge, windows
 from deepfusion.edge.spool import Spool, SpoolFull
@@ -59,7 +61,7 @@ from deepfusion.shared.messages import (
     encode_message,
 )
 from deepfusion.shared.mqtt import Message, MqttClient, MqttError, Will
-from deepfusion.shared.packets import PacketBuilder, PacketHeader, SequenceTooLarge
+from deepfusion.shared.packets import PacketBuilder, PacketHeader
 from deepfusion.shared.topics import ack_topic, card_topic, knowledge_topic, round_topic, status_topic
 
 __all__ = ["Agent", "RateLimiter", "run"]
@@ -68,6 +70,8 @@ log = logging.getLogger(__name__)
 
 _LOAD_LOCK = threading.Lock()  # agents hosted in one process load their models in turn
 ACK_FLUSH_S = 1.0  # how long an Ack may wait to be written to the spool index (a crash resends it)
+RETRY_MIN_S = 10.0  # wait after a round's scoring failed; it doubles with each failure of that round
+RETRY_MAX_S = 600.0
 
 
 class RateLimiter:
@@ -393,6 +397,7 @@ class Agent:
 
     def _rounds(self, stop: threading.Event) -> None:
         done_generation = 0
+        failures = 0  # of the current round in a row
         while not stop.is_set():
             with self._cond:
                 if self._generation == done_generation:
@@ -402,13 +407,40 @@ class Agent:
                 continue
             try:
                 self._score_round(spec, generation, stop)
-                done_generation = generation
+                done_generation, failures = generation, 0
             except _Cancelled:
                 log.info("round %d: scoring abandoned (a newer RoundSpec, or shutdown)", spec.round)
             except FetchError as exc:
                 log.error("round %d: %s; retrying in %.0f s", spec.round, exc, 10.0)
                 self._publish_status(force=True, detail=str(exc)[:500])
                 stop.wait(10.0)
+            except Exception as exc:  # the device stays up: a new RoundSpec or a retry may succeed
+                delay = min(RETRY_MIN_S * 2**failures, RETRY_MAX_S)
+                failures += 1
+                self._round_failed(spec, exc, delay)
+                if self._wait_for_round(generation, delay, stop):
+                    failures = 0
+
+    def _round_failed(self, spec: RoundSpec, exc: Exception, delay: float) -> None:
+        """Log a scoring failure (a traceback unless it is a model error) and show it in the status."""
+        if isinstance(exc, ModelError):
+            log.error("round %d: scoring failed: %s; retrying in %.0f s", spec.round, exc, delay)
+        else:
+            log.exception("round %d: scoring failed; retrying in %.0f s", spec.round, delay)
+        reason = exc.message if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+        self._publish_status(
+            force=True, state=DeviceState.ONLINE, round=spec.round, detail=f"scoring failed: {reason}"[:500]
+        )
+
+    def _wait_for_round(self, generation: int, seconds: float, stop: threading.Event) -> bool:
+        """Wait `seconds` unless stopped first; True when a new RoundSpec ended the wait."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            with self._cond:
+                if self._generation != generation:
+                    return True
+                self._cond.wait(min(left, 0.5))  # `stop` does not notify the condition
+        return False
 
     def _current(self, generation: int) -> None:
         if self._generation != generation:
@@ -523,6 +555,14 @@ class Agent:
         writer = _SpoolWriter(lambda data, cursor: self._spool(data, spec.round, cursor, stop, generation))
 
         def spool(packets: list[bytes]) -> None:
+            for skipped in builder.skipped:
+                log.error(
+                    "round %d: shard %s: %s; it is left out (a smaller max_tokens or top_k, a top_p or a "
+                    "larger packet_budget in the RoundSpec makes it fit)",
+                    spec.round,
+                    assignment.shard,
+                    skipped,
+                )
             # Sequence ids rise through the round, so a packet's last one says where to resume after it.
             for data, last in zip(packets, builder.last_ids, strict=True):
                 writer.put(data, (key, last + 1))
@@ -557,13 +597,10 @@ class Agent:
                 [w.token_ids for w in chunk], top_k=spec.top_k, stages=spec.stages, patches=spec.patches
             )
             for window, score in zip(chunk, scores, strict=True):
-                knowledge = to_knowledge(window, score, spec.top_p, id_dtype)
-                if not header.feature_stages:
-                    knowledge = replace(knowledge, features=None)
-                try:
-                    spool(builder.add(knowledge))
-                except SequenceTooLarge as exc:
-                    log.error("round %d: skipped a sequence: %s", spec.round, exc)
+                knowledge = to_knowledge(
+                    window, score, spec.top_p, id_dtype, feature_stages=header.feature_stages
+                )
+                spool(builder.add(knowledge))
             done += len(chunk)
             self._publish_status(sequences_done=done)
             if stop.is_set() or datetime.now(UTC) >= spec.deadline:

@@ -11,7 +11,10 @@ Exact definition, for a model of L transformer blocks and a sequence of n tokens
   output of the last block *after* the final norm (the input of the LM head; the same vector
   llama.cpp calls the output embedding).
 - Stage j (0 <= j < J) ends layer group j of J evenly spaced groups: `stage_layers(L, J)[j] =
-  floor((j + 1) * L / J)`. The last stage is always index L. J must be between 1 and L.
+  floor((j + 1) * L / J)`; the group holds the blocks after the previous stage's index up to it. The
+  last stage is always index L. J may exceed L (a round's J is set for the whole federation): then
+  some groups hold no block, and only the L stages of `filled_stages` end a group of their own, each
+  at a different block; packets carry features for those stages only.
 - Patch p (0 <= p < P) of a sequence of n tokens covers tokens [start_p, end_p) with
   `start_p = floor(p * n / P)` and `end_p = max(floor((p + 1) * n / P), start_p + 1)`: the P patches
   are equal and disjoint when P divides n, differ by at most one token otherwise, and when n < P a
@@ -24,14 +27,20 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["patch_bounds", "pool_stages", "pooling_matrix", "stage_layers"]
+__all__ = ["filled_stages", "patch_bounds", "pool_stages", "pooling_matrix", "stage_layers"]
 
 
 def stage_layers(num_layers: int, stages: int) -> tuple[int, ...]:
     """Hidden-state indices (into the L + 1 `hidden_states`) at the ends of J even layer groups."""
-    if not 1 <= stages <= num_layers:
-        raise ValueError(f"J={stages} stages need 1 <= J <= {num_layers} (the model's layers)")
+    if stages < 1 or num_layers < 1:
+        raise ValueError(f"J={stages} stages of a model of {num_layers} layers: both must be >= 1")
     return tuple((j + 1) * num_layers // stages for j in range(stages))
+
+
+def filled_stages(num_layers: int, stages: int) -> tuple[int, ...]:
+    """The stages whose layer group holds at least one block: all J when J <= L, else L of them."""
+    ends = (0, *stage_layers(num_layers, stages))
+    return tuple(j for j in range(stages) if ends[j + 1] > ends[j])
 
 
 def patch_bounds(length: int, patches: int) -> np.ndarray:

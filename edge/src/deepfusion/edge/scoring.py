@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from deepfusion.shared.packets import (
     PacketBuilder,
     PacketHeader,
     SequenceKnowledge,
-    SequenceTooLarge,
     apply_top_p,
 )
 
@@ -140,8 +139,14 @@ def windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, batch: int = 
 
 
 def to_knowledge(
-    window: Window, score: SequenceScore, top_p: float | None, id_dtype: Any
+    window: Window,
+    score: SequenceScore,
+    top_p: float | None,
+    id_dtype: Any,
+    *,
+    feature_stages: tuple[int, ...] | None = None,
 ) -> SequenceKnowledge:
+    """One window's packet entry; `feature_stages`: the packet's, a subset of the score's (None: all)."""
     topk_ids = score.topk_ids.astype(id_dtype)
     logprobs = np.minimum(score.topk_logprobs, 0.0).astype(np.float16)  # float32 rounding can give +1e-7
     if top_p is not None:
@@ -153,8 +158,18 @@ def to_knowledge(
         topk_ids=topk_ids,
         topk_logprobs=logprobs,
         nll=max(score.nll, 0.0),
-        features=None if score.features is None else score.features.astype(np.float16),
+        features=_stage_features(score, feature_stages),
     )
+
+
+def _stage_features(score: SequenceScore, feature_stages: tuple[int, ...] | None) -> np.ndarray | None:
+    """The float16 rows of the score's features that belong to `feature_stages`."""
+    if score.features is None or feature_stages == ():
+        return None
+    if feature_stages is None:
+        return score.features.astype(np.float16)
+    rows = [score.feature_stages.index(stage) for stage in feature_stages]
+    return score.features[rows].astype(np.float16)
 
 
 def batched(items: Iterator[Window], size: int) -> Iterator[list[Window]]:
@@ -184,7 +199,9 @@ def packet_header(
 ) -> PacketHeader:
     """The header of this backend's packets: the J stages it can pool (maybe none) and their width.
 
-    Offline scoring and the agent both build it here, so their packets are byte for byte the same.
+    A model with fewer layers than J stages pools only the stages that end a non-empty layer group
+    (`Capabilities.feature_stages`). Offline scoring and the agent both build it here, so their packets
+    are byte for byte the same.
     """
     feature_stages = backend.capabilities.feature_stages(backend.shape.num_layers, stages) if stages else ()
     return PacketHeader(
@@ -240,6 +257,12 @@ def score_texts(
     started = time.perf_counter()
 
     def write(packets: list[bytes]) -> None:
+        if builder.skipped:  # sequences.jsonl would list a sequence that no packet holds
+            raise ModelError(
+                ErrorCode.BAD_INPUT,
+                str(builder.skipped[0]),
+                "lower --max-tokens or --top-k, or set --top-p, so one window fits a packet",
+            )
         for data in packets:
             name = f"{counts['packets']:06d}-{hashlib.sha256(data).hexdigest()[:16]}.dfk"
             (output_dir / name).write_bytes(data)
@@ -255,17 +278,10 @@ def score_texts(
                 patches=settings.patches,
             )
             for window, score in zip(chunk, scores, strict=True):
-                knowledge = to_knowledge(window, score, settings.top_p, id_dtype)
-                if not header.feature_stages:
-                    knowledge = replace(knowledge, features=None)
-                try:
-                    write(builder.add(knowledge))
-                except SequenceTooLarge as exc:
-                    raise ModelError(
-                        ErrorCode.BAD_INPUT,
-                        str(exc),
-                        "lower --max-tokens or --top-k, or set --top-p, so one window fits a packet",
-                    ) from None
+                knowledge = to_knowledge(
+                    window, score, settings.top_p, id_dtype, feature_stages=header.feature_stages
+                )
+                write(builder.add(knowledge))
                 entry = {k: v for k, v in asdict(window).items() if k not in ("token_ids", "offsets")}
                 index.write(json.dumps({**entry, "tokens": len(window.token_ids)}) + "\n")
                 counts["sequences"] += 1

@@ -83,17 +83,19 @@ class PacketError(ValueError):
         self.detail = detail
 
 
-class SequenceTooLarge(ValueError):
-    """One sequence alone does not fit the byte budget: score it in shorter windows."""
+@dataclass(frozen=True)
+class SequenceTooLarge:
+    """A sequence the `PacketBuilder` left out because alone it encodes above the byte budget."""
 
-    def __init__(self, sequence_id: int, size: int, budget: int) -> None:
-        super().__init__(
-            f"sequence {sequence_id} alone encodes to {size} bytes, over the packet budget of {budget}; "
-            "split it into shorter windows"
+    sequence_id: int
+    size: int  # compressed bytes of a packet holding this sequence alone
+    budget: int
+
+    def __str__(self) -> str:
+        return (
+            f"sequence {self.sequence_id} alone encodes to {self.size} bytes, "
+            f"over the packet budget of {self.budget}"
         )
-        self.sequence_id = sequence_id
-        self.size = size
-        self.budget = budget
 
 
 def sentinel_for(dtype: np.dtype[Any]) -> int:
@@ -502,9 +504,10 @@ class PacketBuilder:
 
     Compressed size is known only after compressing, so the builder predicts it from the last measured
     compression ratio and encodes for real only near the budget: about two encodes per packet. A
-    sequence too large for a packet on its own raises `SequenceTooLarge` and leaves the queue, so the
-    caller can score it in shorter windows and go on. `last_ids` holds the last sequence id of each
-    packet the latest `add` or `flush` returned, in the same order (a resume cursor without decoding).
+    sequence too large for a packet on its own is left out and reported in `skipped`; every other
+    sequence reaches a packet, in order. After each `add` or `flush`, `last_ids` holds the last sequence
+    id of each packet it returned, in the same order (a resume cursor without decoding), and `skipped`
+    the sequences it left out.
     """
 
     def __init__(self, header: PacketHeader, *, budget: int = DEFAULT_BUDGET, level: int = 3) -> None:
@@ -517,6 +520,7 @@ class PacketBuilder:
         self._encoded: bytes | None = None  # the queue's encoding, when the last add measured it
         self._id_bytes = 2 if header.vocab_size <= 2**16 - 1 else 4
         self.last_ids: list[int] = []
+        self.skipped: list[SequenceTooLarge] = []
 
     def _raw_bytes(self, sequence: SequenceKnowledge) -> int:
         """Uncompressed bytes of one sequence in the packet's wire dtypes."""
@@ -526,7 +530,7 @@ class PacketBuilder:
 
     def add(self, sequence: SequenceKnowledge) -> list[bytes]:
         """Queue one sequence; return the packets that it completed (often none)."""
-        self.last_ids = []
+        self.last_ids, self.skipped = [], []
         raw = self._raw_bytes(sequence)
         ready: list[bytes] = []
         encoded = None
@@ -545,7 +549,7 @@ class PacketBuilder:
 
     def flush(self) -> list[bytes]:
         """Encode everything still queued."""
-        self.last_ids = []
+        self.last_ids, self.skipped = [], []
         packets: list[bytes] = []
         while self._pending:
             packets.extend(self._emit(self._encoded or self._encode(self._pending)))
@@ -556,7 +560,11 @@ class PacketBuilder:
         return encode(KnowledgePacket.from_sequences(self.header, sequences), level=self.level)
 
     def _emit(self, data: bytes) -> list[bytes]:
-        """Emit the longest prefix of the queue that fits (`data` encodes all of it); keep the rest."""
+        """Emit the longest prefix of the queue that fits (`data` encodes all of it); keep the rest.
+
+        When not even the first sequence fits alone, it leaves the queue for `skipped` instead, and
+        nothing is emitted: what follows it may still have room for more sequences.
+        """
         pending = self._pending
         count = len(pending)
         if len(data) > self.budget:
@@ -568,12 +576,15 @@ class PacketBuilder:
                     low, data, count = mid + 1, trial, mid
                 else:
                     high = mid - 1
-            if not data:  # drop it from the queue so the caller can split it and go on
+            if not data:
                 size = len(self._encode(pending[:1]))
-                self._pending = pending[1:]
-                self._pending_raw = sum(self._raw_bytes(s) for s in self._pending)
-                raise SequenceTooLarge(pending[0].sequence_id, size, self.budget)
-        self._pending = pending[count:]
-        self._pending_raw = sum(self._raw_bytes(s) for s in self._pending)
+                self.skipped.append(SequenceTooLarge(int(pending[0].sequence_id), size, self.budget))
+                self._keep(pending[1:])
+                return []
+        self._keep(pending[count:])
         self.last_ids.append(int(pending[count - 1].sequence_id))
         return [data]
+
+    def _keep(self, sequences: list[SequenceKnowledge]) -> None:
+        self._pending = sequences
+        self._pending_raw = sum(self._raw_bytes(s) for s in sequences)

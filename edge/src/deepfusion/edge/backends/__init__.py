@@ -7,7 +7,9 @@ A backend takes token id sequences and returns, per sequence, the top-k next-tok
 log-probs (log-softmax over the whole vocabulary in float32, computed where the logits are made),
 the mean next-token NLL and the pooled stage features of `deepfusion.edge.features`. Backends that
 cannot see intermediate hidden states (llama.cpp) say so in `capabilities` and return features for
-the stages they can see; the packet then lists those stages in `feature_stages`.
+the stages they can see; the packet then lists those stages in `feature_stages`. A model with fewer
+layers than J stages still returns all J (some repeat a neighbour); the packet keeps only the stages
+that end a layer group of their own (`Capabilities.feature_stages`).
 
 | name | module | model path | needs |
 |---|---|---|---|
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from deepfusion.edge.errors import ErrorCode, ModelError
-from deepfusion.edge.features import stage_layers
+from deepfusion.edge.features import filled_stages, stage_layers
 
 __all__ = [
     "BACKENDS",
@@ -70,11 +72,16 @@ class Capabilities:
     quantization: str  # "fp32", "int8", "f16", "q8_0", ...
 
     def feature_stages(self, num_layers: int, stages: int) -> tuple[int, ...]:
-        """Which of J stages this backend can give features for (stage j ends at stage_layers()[j])."""
+        """Which of J stages this backend can give features for (stage j ends at stage_layers()[j]).
+
+        Only stages that end a layer group of their own: with more stages than layers, the others
+        would repeat a neighbour's features (or pool the token embeddings).
+        """
         if stages == 0:
             return ()
         visible = set(self.hidden_states)
-        return tuple(j for j, layer in enumerate(stage_layers(num_layers, stages)) if layer in visible)
+        layers = stage_layers(num_layers, stages)
+        return tuple(j for j in filled_stages(num_layers, stages) if layers[j] in visible)
 
 
 @dataclass(frozen=True, eq=False)
