@@ -40,7 +40,7 @@ class LocalStore:
 
     def put(self, key: str, data: bytes) -> None:
         """Write to a temp file beside the target, fsync, then rename over it: readers see old or new."""
-        self._place(key, data, os.replace)
+        self._place(key, self._path(key), data, os.replace)
 
     def put_new(self, key: str, data: bytes) -> bool:
         """Write unless an object is there; True when this call wrote it.
@@ -48,16 +48,16 @@ class LocalStore:
         Atomic against concurrent writers: the temp file is hard-linked into place, which fails when
         the name exists, where a rename would replace it.
         """
-        if self._path(key).is_file():
+        path = self._path(key)
+        if path.is_file():
             return False
-        return self._place(key, data, os.link)
+        return self._place(key, path, data, os.link)
 
-    def _place(self, key: str, data: bytes, install: Callable[[Path, Path], None]) -> bool:
-        """Write `data` to a temp file beside the key's path, fsync it, then `install(temp, path)`.
+    def _place(self, key: str, path: Path, data: bytes, install: Callable[[Path, Path], None]) -> bool:
+        """Write `data` to a temp file beside `path`, fsync it, then `install(temp, path)`.
 
         False when `install` found the name taken (only `os.link` does).
         """
-        path = self._path(key)
         # A concurrent delete may prune the freshly made directory; one retry recreates it.
         for attempt in (1, 2):
             tmp = path.with_name(f"{path.name[:32]}{_TEMP_MARK}{secrets.token_hex(8)}.tmp")

@@ -134,15 +134,10 @@ class S3Store:
     def put_new(self, key: str, data: bytes) -> bool:
         """A conditional PUT (If-None-Match: *), which S3 refuses atomically when the key exists.
 
-        A server that ignores the condition overwrites: with content-addressed keys that rewrites the
-        same bytes. Bodies past the multipart threshold are checked first and written after, not
-        atomically: conditional multipart completion is not offered by every server.
+        Always one PUT, whatever the multipart threshold (S3 takes up to 5 GB in one): conditional
+        multipart completion is not offered by every server. A server that ignores the condition
+        overwrites, which with content-addressed keys rewrites the same bytes.
         """
-        if len(data) >= self._transfer.multipart_threshold:
-            if self.exists(key):
-                return False
-            self.put(key, data)
-            return True
         name = self._name(key)
         with self._errors("write", key):
             try:
