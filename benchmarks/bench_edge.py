@@ -9,16 +9,19 @@ For each (model, backend, quantization), in a fresh process (so peak RSS is its 
   then `SequenceKnowledge` and `PacketBuilder` encoding), tokens/s;
 - the ratio of the two (goal: >= 0.9), the model file size and the process's peak RSS.
 Both passes run on the same windows of public text after one warm-up pass; the best of `--repeats`.
-Exports are cached under $DEEPFUSION_CACHE/bench-edge/ (SmolLM2's take a few minutes the first time).
+Exports are cached under $DEEPFUSION_CACHE/bench-edge/ (SmolLM2's take a few minutes the first time),
+in folders named after a hash of the export code, so a changed exporter is measured, never a stale file.
 Results go to results/bench_edge.json and a Markdown table on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +58,25 @@ def _base_model(name: str, cache: Path) -> Path:
     return pretrain_base(get_preset(name), tokenizer_dir, ids, cache, PretrainSpec())
 
 
+def _exporter_hash() -> str:
+    """Hash of the export package's sources: the cache key that makes an exporter change re-export."""
+    import deepfusion.edge.export as package
+
+    digest = hashlib.sha256()
+    for source in sorted(Path(package.__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _cached_folder(root: Path, prefix: str) -> Path:
+    """`root/{prefix}-{exporter hash}`, after removing the exports of other exporter versions."""
+    folder = root / f"{prefix}-{_exporter_hash()}"
+    for stale in root.glob(f"{prefix}*"):
+        if stale != folder and stale.is_dir():
+            shutil.rmtree(stale)
+    return folder
+
+
 def _artifact(model: str, backend: str, quant: str, cache: Path) -> Path:
     base = _base_model(model, cache)
     if backend == "torch":
@@ -63,13 +85,13 @@ def _artifact(model: str, backend: str, quant: str, cache: Path) -> Path:
     if backend == "onnxruntime":
         from deepfusion.edge.export.onnx import export_onnx
 
-        target = root / f"onnx-{quant}"
+        target = _cached_folder(root, f"onnx-{quant}")
         if not (target / "forward.onnx").is_file():
             export_onnx(base, target, quant=quant, keep_forward=True)  # type: ignore[arg-type]
         return target
     from deepfusion.edge.export.gguf import export_gguf
 
-    target = root / f"gguf-{quant}" / f"model.{quant}.gguf"
+    target = _cached_folder(root, f"gguf-{quant}") / f"model.{quant}.gguf"
     if not target.is_file():
         export_gguf(base, target.parent, quant=quant)  # type: ignore[arg-type]
     return target
