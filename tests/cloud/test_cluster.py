@@ -56,3 +56,14 @@ def test_medical_and_finance_devices_are_recovered_from_their_private_text(asset
     assert sorted(m for members in report.members.values() for m in members) == names
     assert report.silhouette is not None and report.silhouette > 0.2
     assert np.array(list(embeddings.values())).dtype.kind == "i"
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_identical_embeddings_make_no_empty_cluster():
+    """Fewer distinct directions than K: every cluster of the report has members (a teacher to distil)."""
+    parallel = {"a": [5] * 32, "b": [10] * 32, "c": [5] * 32, "d": [-5] * 32}
+    for embeddings, k, made in (({"a": [5] * 32, "b": [5] * 32, "c": [5] * 32}, 2, 1), (parallel, 3, 2)):
+        report = cluster_devices(embeddings, k)
+        assert report.k == made and len(report.centroids) == made
+        assert sorted(report.members) == list(range(made)) and all(report.members.values())
+        assert set(report.assignment.values()) == set(range(made))

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from deepfusion.cloud.coordinator import Coordinator, read_pointer, read_state, release_key
 from deepfusion.cloud.ingest import store_packet
+from deepfusion.cloud.rounds import PacketIndex
 from deepfusion.cloud.shards import list_shards, publish_texts
 from deepfusion.shared.messages import DeviceState, DeviceStatus, ReleaseNote, RoundSpec, encode_message
+from deepfusion.shared.mqtt import Message
 from deepfusion.shared.store import open_store
-from deepfusion.shared.topics import knowledge_topic, release_topic, round_topic, status_topic
+from deepfusion.shared.topics import card_topic, knowledge_topic, release_topic, round_topic, status_topic
 from tests.cloud.federation import FED, Service, SimDevice, base_overrides, config_from, packets_for
 from tests.fixtures.broker import Inbox, wait_for
 
@@ -161,6 +165,110 @@ def test_deadline_closes_with_or_without_quorum(broker, tmp_path, quorum, outcom
             assert coordinator.step() == "round 0: closed, waiting for its release"
         else:
             assert read_pointer(store, FED) == 1  # nothing to train on: the next round opens at once
+    finally:
+        for device in devices:
+            device.close()
+        client.close()
+
+
+def test_a_coordinator_killed_between_the_index_and_the_state_refreshes_the_state(broker, tmp_path):
+    """The index (coverage.json) is saved before state.json: after a restart there is no new packet to
+    index, and the state must still catch up with what the index counts."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(20)), name="pub", per_shard=20)
+    config = config_from(
+        [
+            *base_overrides(broker, str(tmp_path / "store")),
+            "coordinator.redundancy=1",
+            "coordinator.min_devices=2",
+        ]
+    )
+    devices = [SimDevice(broker.config(), name, domain=i) for i, name in enumerate(("a-0", "b-0"))]
+    clients = []
+    try:
+        for device in devices:
+            device.publish_card()
+        first = Coordinator(config, store)
+        clients.append(first.connect())
+        first.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
+        assert first.step() == "round 0: opened"
+        spec = read_state(store, FED, 0).spec  # type: ignore[union-attr]
+        payload = _packets("a-0", spec)[0]  # 3 sequences
+        assert store_packet(store, FED, knowledge_topic(FED, "a-0"), payload, max_bytes=1 << 20).accepted
+        index = PacketIndex()  # what the first coordinator did before it was killed
+        assert index.update(store, FED, 0) == 1
+        index.save(store, FED, 0)
+        clients.pop().close()
+
+        restarted = Coordinator(config, store)
+        clients.append(restarted.connect())
+        restarted.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
+        assert restarted.step() == "round 0: 3/40 delivered"
+        state = read_state(store, FED, 0)
+        assert state is not None and state.coverage is not None
+        assert (state.coverage.packets, state.coverage.delivered) == (1, 3)
+    finally:
+        for device in devices:
+            device.close()
+        for client in clients:
+            client.close()
+
+
+def test_a_release_note_without_a_time_zone_does_not_stop_the_coordinator(broker, tmp_path):
+    """Two releases of one round, one stamped without a zone: the newer is announced, no TypeError."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(10)), name="pub", per_shard=10)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    config = config_from([*overrides, "coordinator.min_devices=1", "coordinator.max_rounds=1"])
+    device = SimDevice(broker.config(), "a-0")
+    coordinator = Coordinator(config, store)
+    client = coordinator.connect()
+    try:
+        device.publish_card()
+        coordinator.view.wait_for(lambda v: len(v.cards()) == 1, timeout=10)
+        assert coordinator.step() == "round 0: opened"
+        for payload in _packets("a-0", read_state(store, FED, 0).spec):  # type: ignore[union-attr]
+            assert store_packet(store, FED, knowledge_topic(FED, "a-0"), payload, max_bytes=1 << 20).accepted
+        assert coordinator.step() == "round 0: closed (coverage)"
+        older = ReleaseNote(federation=FED, version="r0-a", round=0, uri="s3://x/a")
+        store.put(release_key(FED, "r0-a"), encode_message(older))
+        newer = encode_message(ReleaseNote(federation=FED, version="r0-b", round=0, uri="s3://x/b"))
+        naive = re.sub(rb'"created_at":"[^"]*"', b'"created_at":"2099-01-01T00:00:00"', newer)
+        store.put(release_key(FED, "r0-b"), naive)
+        assert coordinator.step() == "round 0: closed; last round"
+        assert read_state(store, FED, 0).release == "r0-b"  # type: ignore[union-attr]
+    finally:
+        device.close()
+        client.close()
+
+
+def test_a_card_cleared_while_a_round_is_planned_does_not_crash_the_coordinator(broker, tmp_path):
+    """The card of c-0 is removed (empty retained payload) right after the coordinator's first look."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(10)), name="pub", per_shard=10)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.min_devices=2"]
+    devices = [SimDevice(broker.config(), name, domain=i % 2) for i, name in enumerate(("a-0", "b-0", "c-0"))]
+    coordinator = Coordinator(config_from(overrides), store)
+    client = coordinator.connect()
+    try:
+        for device in devices:
+            device.publish_card()
+        view = coordinator.view
+        view.wait_for(lambda v: len(v.cards()) == 3, timeout=10)
+        cleared: list[bool] = []
+
+        def then_clear(read: Callable[[], object]) -> Callable[[], object]:
+            def racing() -> object:
+                seen = read()
+                if not cleared:  # the removal arrives right after whichever read comes first
+                    cleared.append(True)
+                    view.handle(Message(card_topic(FED, "c-0"), b"", qos=1, retain=True))
+                return seen
+
+            return racing
+
+        view.cards, view.devices = then_clear(view.cards), then_clear(view.devices)  # type: ignore[method-assign]
+        assert coordinator.step() == "round 0: opened"
     finally:
         for device in devices:
             device.close()

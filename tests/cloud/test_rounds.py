@@ -116,6 +116,29 @@ def test_coverage_and_close_rules():
     assert full.complete and close_decision(full, spec.deadline, now, quorum=1.0) == "coverage"
 
 
+def test_a_cluster_without_working_devices_has_no_slots_in_the_quorum():
+    """Cluster 1's only device is offline and got no work: the quorum is over the plan's clusters."""
+    now = datetime.now(UTC)
+    clusters = {"a": 0, "b": 0, "c": 1}
+    spec = _spec(plan_assignments(_shards(10), {"a": 0, "b": 0}, 1), now)
+    full = coverage_report(spec, clusters, {("a", "s-0"): set(range(10)), ("b", "s-0"): set(range(10))})
+    assert full.complete and (full.slots, full.slots_covered) == (10, 10)
+    almost = coverage_report(spec, clusters, {("a", "s-0"): set(range(5)), ("b", "s-0"): set(range(5, 9))})
+    assert almost.slot_fraction == 0.9
+    assert close_decision(almost, spec.deadline, now, quorum=0.8) == "deadline"
+
+
+def test_nothing_delivered_is_never_a_quorum():
+    """Even at quorum 0 a round with no packet has nothing to train on: no release would ever come."""
+    now = datetime.now(UTC)
+    clusters = {"a": 0, "b": 1}
+    spec = _spec(plan_assignments(_shards(10), clusters, 1), now)
+    empty = coverage_report(spec, clusters, {})
+    assert close_decision(empty, now, now, quorum=0.0) == "deadline-no-quorum"
+    some = coverage_report(spec, clusters, {("a", "s-0"): {0}})
+    assert close_decision(some, now, now, quorum=0.0) == "deadline"
+
+
 def test_ingest_context_rules():
     shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
     assigned = {"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]}
@@ -138,7 +161,7 @@ def test_ingest_context_rules():
     assert reason(sequences=3) == RejectReason.NOT_ASSIGNED  # sequence ids 0, 7, 14: 14 is outside
 
 
-@pytest.mark.parametrize("announced", ["1e400", "Infinity", "NaN", "-5", "true", "1e308"])
+@pytest.mark.parametrize("announced", ["1e400", "Infinity", "NaN", "-5", "true", "1e308", "1" + "0" * 400])
 def test_a_device_announcing_an_absurd_throughput_cannot_break_the_plan(announced):
     """The throughput is a device's own extra field: inf, NaN, negatives and booleans count as unknown,
     huge values are capped, and the round is still planned with every sequence covered."""
@@ -149,6 +172,7 @@ def test_a_device_announcing_an_absurd_throughput_cannot_break_the_plan(announce
     records = [odd, DeviceRecord("a"), DeviceRecord("b")]
     throughput = {r.device: t for r in records if (t := r.throughput) is not None}
     assert all(0 < t <= MAX_THROUGHPUT for t in throughput.values())
-    assert throughput.get("odd") == (MAX_THROUGHPUT if announced == "1e308" else None)
+    huge = announced in ("1e308", "1" + "0" * 400)  # a finite number: capped, as a 400-digit integer
+    assert throughput.get("odd") == (MAX_THROUGHPUT if huge else None)
     plan = plan_assignments(_shards(100), {"odd": 0, "a": 0, "b": 0}, 2, throughput)
     assert sum(a.stop - a.start for r in plan.values() for a in r) == 200

@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from deepfusion.cloud.registry import FederationView
+from deepfusion.cloud.status import collect_status, render_status
 from deepfusion.shared.messages import encode_message
-from deepfusion.shared.mqtt import MqttClient
+from deepfusion.shared.mqtt import Message, MqttClient
 from deepfusion.shared.store import open_store
 from deepfusion.shared.topics import card_topic
 from tests.cloud.federation import FED, SimDevice, base_overrides, card_for
@@ -73,3 +75,17 @@ def test_view_settles_on_every_retained_card_even_after_a_slow_connect(broker) -
         assert len(view.cards()) == 20
     finally:
         client.close()
+
+
+def test_a_card_with_an_absurd_parameter_count_does_not_break_the_status(tmp_path: Path) -> None:
+    """A card is the device's own: a 400-digit model_params (float() of it overflows) is refused."""
+    view = FederationView(FED)
+    for device, params in (("pi-1", "2500000"), ("pi-odd", "1" + "0" * 400)):
+        payload = encode_message(card_for(device)).replace(
+            b'"model_params":2500000', b'"model_params":' + params.encode()
+        )
+        view.handle(Message(card_topic(FED, device), payload, qos=1, retain=True))
+    assert set(view.cards()) == {"pi-1"}
+    console = Console(width=200, record=True)
+    console.print(render_status(collect_status(view, open_store(str(tmp_path / "store")), FED)))
+    assert "llama 2.5M" in console.export_text()

@@ -56,7 +56,10 @@ def cluster_devices(
     seed: int = 0,
     previous_centroids: Sequence[Sequence[float]] | None = None,
 ) -> ClusterReport:
-    """Cosine KMeans of the devices' int8 embeddings into min(k, devices) clusters, with a report."""
+    """Cosine KMeans of the devices' int8 embeddings into at most min(k, devices) clusters, with a report.
+
+    Fewer when the embeddings have fewer distinct directions: no cluster is ever empty.
+    """
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
@@ -72,8 +75,8 @@ def cluster_devices(
         centroids = normalise(x.mean(axis=0, keepdims=True))
     else:
         model = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
-        labels = model.labels_.astype(int)
-        centroids = normalise(model.cluster_centers_)
+        labels, centroids = _without_empty(model.labels_.astype(int), normalise(model.cluster_centers_))
+        n_clusters = len(centroids)
     if previous_centroids is not None and len(previous_centroids) == n_clusters and n_clusters > 1:
         labels, centroids = _match(labels, centroids, normalise(np.asarray(previous_centroids)))
     silhouette = None
@@ -91,6 +94,17 @@ def cluster_devices(
         silhouette=silhouette,
         centroids=[[float(v) for v in row] for row in centroids],
     )
+
+
+def _without_empty(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop clusters KMeans left empty and renumber the rest 0..k-1.
+
+    Devices with identical (or parallel) embeddings are fewer distinct points than K: KMeans then
+    leaves clusters without members, and a cluster without devices has no teacher to distil.
+    """
+    used = np.unique(labels)
+    renumber = {int(old): new for new, old in enumerate(used.tolist())}
+    return np.array([renumber[int(label)] for label in labels], dtype=int), centroids[used]
 
 
 def _match(labels: np.ndarray, centroids: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -146,10 +146,11 @@ class Coordinator:
     # -- opening -----------------------------------------------------------------------------------------
 
     def _open(self, round_id: int) -> str:
-        cards = self.view.cards()
+        # One snapshot of the view: a card cleared between two reads would leave a member without a record.
+        records = self.view.devices()
+        cards = {d: r.card for d, r in records.items() if r.card is not None}
         tokenizer = self.settings.tokenizer or _most_common([c.tokenizer for c in cards.values()])
         members = {d: c for d, c in cards.items() if c.tokenizer == tokenizer}
-        records = self.view.devices()
         # A device that announced it is offline gets no work, which would only wait for the deadline;
         # its card still counts for the clusters.
         away = {d for d in members if d in records and records[d].offline}
@@ -235,7 +236,9 @@ class Coordinator:
         )
         reason = close_decision(coverage, state.spec.deadline, self.clock(), self.settings.quorum)
         if reason is None:
-            if new:
+            # Compared with the state, not "any new packets?": a coordinator killed between saving the
+            # index and the state finds no new packet after a restart, and its state would stay stale.
+            if coverage.packets != (state.coverage.packets if state.coverage else 0):
                 self._write_state(state.model_copy(update={"coverage": coverage}))
             return f"round {state.round}: {coverage.delivered}/{coverage.assigned} delivered"
         closed = state.model_copy(
@@ -315,7 +318,7 @@ class Coordinator:
             wanted = version is None or note.version == version
             if note.round == round_id and note.federation == self.federation and wanted:
                 found.append(note)
-        return max(found, key=lambda n: n.created_at) if found else None
+        return max(found, key=lambda n: _aware(n.created_at)) if found else None
 
     def _publish_release(self, note: ReleaseNote) -> None:
         self._publish(release_topic(self.federation), encode_message(note))
@@ -334,6 +337,11 @@ class Coordinator:
         if self.client is None:
             raise RuntimeError("the coordinator is not connected; call connect() or run()")
         self.client.publish_and_wait(topic, payload, retain=True)
+
+
+def _aware(moment: datetime) -> datetime:
+    """A trainer may write a timestamp without a zone: read it as UTC, comparable with the others."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _most_common(values: list[str]) -> str | None:

@@ -81,7 +81,7 @@ class DeviceRecord:
         for message in (self.status, self.card):
             value = (message.model_extra or {}).get(THROUGHPUT_FIELD) if message is not None else None
             if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf:
-                return min(float(value), MAX_THROUGHPUT)
+                return float(min(value, MAX_THROUGHPUT))  # float() of a 400-digit JSON int overflows
         return None
 
 

@@ -219,7 +219,10 @@ def coverage_report(
     """Compare the plan in `spec` with the sequences delivered per (device, shard)."""
     sizes = {s.shard: s.sequences for s in spec.shards}
     got = {key: set(ids) for key, ids in delivered.items()}
-    covered = {(c, s): np.zeros(n, dtype=bool) for c in set(clusters.values()) for s, n in sizes.items()}
+    # Slots are the plan's: a cluster none of whose members got work (all offline) has nothing to
+    # deliver, and counting its slots would hold a nearly complete round below the quorum.
+    planned = {clusters[d] for d, ranges in spec.assignments.items() if ranges and d in clusters}
+    covered = {(c, s): np.zeros(n, dtype=bool) for c in planned for s, n in sizes.items()}
     assigned = done = 0
     per_device: dict[str, tuple[int, int]] = {}
     for device, ranges in spec.assignments.items():
@@ -253,7 +256,9 @@ def close_decision(
     if coverage.complete:
         return "coverage"
     if now >= deadline:
-        return "deadline" if coverage.slot_fraction >= quorum else "deadline-no-quorum"
+        # Nothing delivered is never a quorum (not even quorum 0): there would be nothing to train on.
+        reached = coverage.slots_covered > 0 and coverage.slot_fraction >= quorum
+        return "deadline" if reached else "deadline-no-quorum"
     return None
 
 

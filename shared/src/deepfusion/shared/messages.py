@@ -104,7 +104,7 @@ class DeviceCard(Message):
     federation: str
     device: str
     model_family: str = Field(description="transformers model_type of the device model, e.g. 'llama'.")
-    model_params: int = Field(ge=1, description="Parameter count of the device model.")
+    model_params: int = Field(ge=1, le=10**15, description="Parameter count of the device model.")
     tokenizer: Sha256Hex = Field(description="Fingerprint of the tokenizer's vocabulary.")
     vocab_size: int = Field(ge=2)
     backend: Backend
