@@ -238,3 +238,26 @@ def test_fedjets_grows_with_rounds_and_experts_per_device_packets_with_rounds_on
         assert b.fedjets_bytes == 5 * (a.fedjets_bytes + 2 * expert)
         assert b.packet_bytes == 5 * a.packet_bytes
         assert b.weight_bytes == a.weight_bytes  # paper mode uploads once, whatever the rounds
+
+
+def test_real_size_features_scale_with_the_models_hidden_width() -> None:
+    # A packet's features are [S, Js, P, W] f16 with W the device model's hidden width, so at real sizes they
+    # grow with the width while the top-k part does not. The demo measured 66.0 B per token, 23.6 of them
+    # features at a token-weighted width of 167; held fixed, SmolLM2 (576 wide) came out at 2.7% of its
+    # FedJETS-style bill instead of the 5.1% its own widths give.
+    total, features, width, tokens = 66.04, 23.61, 167.46, 111_000
+    rows = real_size_table(total, tokens, feature_bytes_per_token=features, feature_width=width)
+    for row, model in zip(rows, REAL_MODELS, strict=True):
+        per_token = total - features + features * model.hidden / width
+        assert row.packet_bytes == math.ceil(per_token * tokens)
+        assert row.break_even_tokens == pytest.approx(row.weight_bytes / per_token)
+    smol = rows[0]
+    assert smol.packets_over_weights == pytest.approx(0.051, abs=0.001)
+    assert smol.packets_over_fedjets > 0.05
+    # Measured at the model's own width, the features need no scaling; without a split nothing changes.
+    same = real_size_table(total, tokens, feature_bytes_per_token=features, feature_width=576)[0]
+    assert same.packet_bytes == real_size_table(total, tokens)[0].packet_bytes == math.ceil(total * tokens)
+    with pytest.raises(ValueError, match="feature_width"):
+        real_size_table(total, tokens, feature_bytes_per_token=features)
+    with pytest.raises(ValueError, match="feature_bytes_per_token"):
+        real_size_table(total, tokens, feature_bytes_per_token=total + 1, feature_width=width)

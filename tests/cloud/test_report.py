@@ -267,3 +267,38 @@ def test_row_lookup(results: RunResults) -> None:
     assert results.row("oracle").label == "Oracle merge"
     with pytest.raises(KeyError, match="nope"):
         results.row("nope")
+
+
+def test_gain_share_is_missing_when_centralized_does_not_gain(results: RunResults, tmp_path: Path) -> None:
+    # G(code) = 3.0 - 3.1 < 0: dividing by it would show the packets row (better than base) as -100% and a
+    # row worse than base as a positive share; the acceptance checks treat G <= 0 as "no share" too.
+    rows = [
+        r.model_copy(update={"scores": {**r.scores, "code": _score(3.1)}}) if r.method == "centralized" else r
+        for r in results.rows
+    ]
+    flat = results.model_copy(update={"rows": rows})
+    shares = gain_recovered(flat)
+    assert all(shares["code"][m] is None for m in NLL)
+    assert shares["medical"]["packets"] == pytest.approx(60.0)  # the other domain is untouched
+    md = write_report(flat, tmp_path).read_text()
+    assert _table_line(md, "Gain recovered", "Packets merge")[1:] == ["—", "60.0%"]
+
+
+def test_bytes_plot_floor_is_below_the_smallest_bar(results: RunResults, tmp_path: Path) -> None:
+    # The demo's bills: 144 KB downlink next to 7.3 MB uplinks and a 0 B downlink. With the log axis
+    # autoscaled to the smallest bar, that bar got 0.1 of 3.6 decades (about 1,100 px) and read as 0 B.
+    bills = [
+        BillRow(method="packets", uplink_bytes=7_330_643, downlink_bytes=144_023, rounds=1),
+        BillRow(method="paper", uplink_bytes=8_481_184, downlink_bytes=0, rounds=1),
+    ]
+    write_report(results.model_copy(update={"bills": bills}), tmp_path)
+    assert _pixels(tmp_path / "plots" / "bytes_per_device.png", "C1") > 4_000  # a decade and more of bar
+
+
+def test_sizes_at_a_unit_boundary_roll_over_to_the_next_unit(results: RunResults, tmp_path: Path) -> None:
+    bills = [BillRow(method="packets", uplink_bytes=999_960, downlink_bytes=999.7, rounds=1)]
+    real = [results.real_sizes[0].model_copy(update={"params": 999_600_000, "weight_bytes": 999_950_000})]
+    md = write_report(results.model_copy(update={"bills": bills, "real_sizes": real}), tmp_path).read_text()
+    # Not "1000.0 KB" / "1000 B", "1e+03M" / "1000.0 MB".
+    assert _table_line(md, "Communication at demo size", "packets")[1:3] == ["1.0 MB", "1.0 KB"]
+    assert _table_line(md, "Communication at real size", "SmolLM2-135M")[1:3] == ["1B", "1.0 GB"]

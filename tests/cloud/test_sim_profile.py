@@ -68,3 +68,13 @@ def test_warmup_then_cosine_to_a_tenth() -> None:
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))  # never rises after warmup
     assert factors[60] == pytest.approx(0.55) and factors[110] == pytest.approx(0.1) == factors[119]
+
+
+@pytest.mark.parametrize(
+    "mix", ["data.public_mix.finance=-0.2", "data.public_mix={general=0,medical=0,finance=0}"]
+)
+def test_public_mix_shares_are_non_negative_and_not_all_zero(mix: str) -> None:
+    # The mix is normalised by its sum: -0.2 turned 2048 windows into 1024 general + 1707 medical and a
+    # negative finance count (a slice from the end), and all zeros divided by zero when the assets were built.
+    with pytest.raises(ConfigError, match="public_mix"):
+        load_profile("demo", [mix])

@@ -10,8 +10,11 @@
 - FedJETS-style: every round the server sends a pruned MoE (shared trunk + m experts) and gets it back
   updated, so the bill is symmetric and scales with rounds × model size.
 
-The real-size projection holds the measured bytes per public token fixed across model sizes (top-k
-log-probs do not depend on the model; pooled features do a little), so it compares orders of magnitude.
+The real-size projection starts from the measured bytes per public token: the top-k log-probs do not
+depend on the model, but the pooled features ([S, Js, P, W] f16) grow linearly with the device model's
+hidden width W, so when the caller gives the feature part and the width it was measured at, that part is
+rescaled to each model's width (at the demo's widths of 128-192 it is a third of the bytes; at SmolLM2's
+576 two thirds). Without that split the bytes per token are held fixed, which understates real sizes.
 Parameter counts come from the model shapes (exact for the four models in `REAL_MODELS`), so the MoE trunk
 / expert split follows each model's own FFN share instead of a guessed fraction.
 """
@@ -247,7 +250,7 @@ class RealSizeRow(BaseModel):
     model: str
     params: int = Field(description="counted from the shape")
     weight_bytes: int = Field(description="weight upload, once")
-    packet_bytes: int = Field(description="bytes_per_token x public_tokens x rounds")
+    packet_bytes: int = Field(description="bytes_per_token (at this width) x public_tokens x rounds")
     packets_over_weights: float
     break_even_tokens: float = Field(description="public tokens at which packets cost as much as weights")
     fedjets_bytes: int = Field(description="FedJETS-style uplink over all rounds (downlink is the same)")
@@ -262,22 +265,37 @@ def real_size_table(
     experts_per_device: int = 1,
     bytes_per_param: float = 2.0,
     models: tuple[RealModel, ...] = REAL_MODELS,
+    feature_bytes_per_token: float = 0.0,
+    feature_width: float = 0.0,
 ) -> list[RealSizeRow]:
     """Project the measured packet cost onto real model sizes (f16 weights by default).
 
     `public_tokens` is per device per round; `experts` (E = K students) sizes the FedJETS router, which the
-    pruned MoE carries along with its trunk.
+    pruned MoE carries along with its trunk. `feature_bytes_per_token` is the part of `bytes_per_token`
+    that is pooled features, measured at (token-weighted) hidden width `feature_width`; it is rescaled to
+    each model's hidden width.
     """
     _positive("bytes_per_token", bytes_per_token)
+    _non_negative("feature_bytes_per_token", feature_bytes_per_token)
+    if feature_bytes_per_token > bytes_per_token:
+        raise ValueError(
+            f"feature_bytes_per_token ({feature_bytes_per_token}) must be <= bytes_per_token "
+            f"({bytes_per_token})"
+        )
+    if feature_bytes_per_token:
+        _positive("feature_width", feature_width)
     _non_negative("public_tokens", public_tokens)
     _positive("rounds", rounds)
     _positive("experts", experts)
     _positive("experts_per_device", experts_per_device)
     if experts_per_device > experts:
         raise ValueError(f"experts_per_device ({experts_per_device}) must be <= experts ({experts})")
-    packet_bytes = math.ceil(bytes_per_token * public_tokens * rounds)
     rows = []
     for model in models:
+        per_token = bytes_per_token
+        if feature_bytes_per_token:
+            per_token += feature_bytes_per_token * (model.hidden / feature_width - 1)
+        packet_bytes = math.ceil(per_token * public_tokens * rounds)
         trunk, expert = moe_split(model)
         weights = weight_bytes(trunk + expert, bytes_per_param)
         router = model.layers * model.hidden * experts
@@ -289,7 +307,7 @@ def real_size_table(
                 weight_bytes=weights,
                 packet_bytes=packet_bytes,
                 packets_over_weights=packet_bytes / weights,
-                break_even_tokens=weights / bytes_per_token,
+                break_even_tokens=weights / per_token,
                 fedjets_bytes=fedjets.uplink_bytes,
                 packets_over_fedjets=packet_bytes / fedjets.uplink_bytes,
             )

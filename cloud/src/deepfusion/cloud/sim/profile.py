@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from deepfusion.shared.config import Section, load_config
 
@@ -34,6 +34,14 @@ class DataSection(Section):
     )
     max_tokens: int = Field(128, ge=16, description="Tokens per public and test window.")
     test_windows: int = Field(64, ge=2, description="Held-out windows per domain (fixed before any run).")
+
+    @field_validator("public_mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        # The shares are normalised by their sum: a negative one, or all zero, has no meaning.
+        if any(not share >= 0 for share in mix.values()) or not sum(mix.values()) > 0:
+            raise ValueError(f"public_mix shares must be >= 0 and not all 0, got {mix}")
+        return mix
 
 
 class PacketSection(Section):

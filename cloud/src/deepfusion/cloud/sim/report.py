@@ -76,11 +76,11 @@ def _bytes(n: float | None) -> str:
     if n is None or not _finite(n):
         return MISSING
     value = float(n)
-    if abs(value) < 1000:
+    if abs(value) < 999.5:  # what rounds to "1000 B" is "1.0 KB"
         return f"{value:.0f} B"
     for unit in ("KB", "MB", "GB", "TB"):
         value /= 1000
-        if abs(value) < 1000 or unit == "TB":
+        if abs(value) < 999.95 or unit == "TB":  # likewise "1000.0 KB" is "1.0 MB"
             break
     return f"{value:.1f} {unit}"
 
@@ -90,7 +90,7 @@ def _count(n: int | None) -> str:
     if n is None:
         return MISSING
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
+        if abs(n) >= 0.9995 * scale:  # 999.6M at 3 digits is "1B", not "1e+03M"
             return f"{n / scale:.3g}{unit}"
     return str(n)
 
@@ -147,7 +147,9 @@ def console_table(results: RunResults) -> Table:
 def gain_recovered(results: RunResults) -> dict[str, dict[str, float | None]]:
     """Per domain, per method: share in % of the base -> centralized nll gain, (base - row) / G * 100.
 
-    Empty when the run lacks the base or the centralized row; None where a score is missing or G is 0.
+    Empty when the run lacks the base or the centralized row; None where a score is missing or G <= 0
+    (centralized training gained nothing, so there is no gain to share: dividing by a negative G would
+    flip every sign), as in the acceptance checks.
     """
     if not (results.has_row("base") and results.has_row("centralized")):
         return {}
@@ -159,7 +161,7 @@ def gain_recovered(results: RunResults) -> dict[str, dict[str, float | None]]:
         shares: dict[str, float | None] = {}
         for row in results.rows:
             s = _score(row.scores, domain)
-            shares[row.method] = 100 * (b.nll - s.nll) / gain if b and s and gain else None
+            shares[row.method] = 100 * (b.nll - s.nll) / gain if b and s and gain > 0 else None
         out[domain] = shares
     return out
 
@@ -500,10 +502,13 @@ def _plot_bills(results: RunResults, path: Path) -> None:
             bars = ax.bar([x + offset for x in xs], values, width, label=name)
             ax.bar_label(bars, labels=[_bytes(v) for v in values], fontsize="x-small", rotation=90, padding=2)
         # A log axis with no positive value warns and shows nothing; such a bill stays linear.
-        top = max(v for b in bills for v in (b.uplink_bytes, b.downlink_bytes))
-        if top > 0:
+        positive = [v for b in bills for v in (b.uplink_bytes, b.downlink_bytes) if v > 0]
+        if positive:
             ax.set_yscale("log")
-            ax.set_ylim(top=top * 30)  # headroom for the size labels above the bars
+            # Bars start at the axis floor: a decade below the smallest bar, so it does not shrink to a
+            # sliver that reads as 0 B next to the bars that are 0 B; headroom above for the size labels.
+            bottom = 10 ** (math.floor(math.log10(min(positive))) - 1)
+            ax.set_ylim(bottom=bottom, top=max(positive) * 30)
         ax.set_xticks(list(xs), [b.method for b in bills], rotation=30, ha="right")
         ax.set_ylabel("bytes per device")
         ax.set_title("communication per device")

@@ -38,7 +38,7 @@ from deepfusion.cloud.sim.results import (
 )
 from deepfusion.shared.broker import EmbeddedBroker
 from deepfusion.shared.config import MqttConfig, mqtt_toml
-from deepfusion.shared.packets import decode, encode
+from deepfusion.shared.packets import KnowledgePacket, decode, encode
 from deepfusion.shared.store import ObjectStore, open_store
 
 __all__ = ["SimOptions", "simulate_run"]
@@ -75,14 +75,22 @@ class SimOptions:
     cache_root: Path | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Traffic:
-    """Per device: packets and bytes stored (uplink), public shard bytes handed to it (downlink)."""
+    """Per device: packets and bytes stored (uplink), public shard bytes handed to it (downlink).
 
-    packets: dict[str, int]
-    uplink: dict[str, int]
-    downlink: dict[str, int]
-    tokens: dict[str, int]
+    Also, over all packets: the bytes they would have without their features (`logit_bytes`, each
+    re-encoded) and the tokens x feature width of those with features, which locate the feature part of
+    the bill and the hidden width it was measured at.
+    """
+
+    packets: dict[str, int] = dataclasses.field(default_factory=dict)
+    uplink: dict[str, int] = dataclasses.field(default_factory=dict)
+    downlink: dict[str, int] = dataclasses.field(default_factory=dict)
+    tokens: dict[str, int] = dataclasses.field(default_factory=dict)
+    logit_bytes: int = 0
+    feature_tokens: int = 0
+    feature_width_tokens: int = 0
 
     def mean(self, field: str, devices: int) -> float:
         return sum(getattr(self, field).values()) / devices
@@ -90,6 +98,23 @@ class Traffic:
     @property
     def bytes_per_token(self) -> float:
         return sum(self.uplink.values()) / max(1, sum(self.tokens.values()))
+
+    @property
+    def logit_share(self) -> float:
+        """Bytes of the packets without their features over bytes with them."""
+        total = sum(self.uplink.values())
+        return self.logit_bytes / total if total else 1.0
+
+    @property
+    def feature_bytes_per_token(self) -> float:
+        if not self.feature_tokens:
+            return 0.0
+        return max(0.0, self.bytes_per_token * (1.0 - self.logit_share))
+
+    @property
+    def feature_width(self) -> float:
+        """Hidden width of the features, weighted by the tokens of the packets that carry them."""
+        return self.feature_width_tokens / self.feature_tokens if self.feature_tokens else 0.0
 
 
 def _score(values: dict[str, float]) -> DomainScore:
@@ -168,7 +193,7 @@ def _train_spec(profile: SimProfile) -> Any:
 
 
 def _traffic(store: ObjectStore, federation: str, outcome: FederationOutcome) -> Traffic:
-    t = Traffic({}, {}, {}, {})
+    t = Traffic()
     for state in outcome.states:
         shard_bytes = {
             s.shard: len(store.get(f"{federation}/shards/{s.shard}.jsonl.zst")) for s in state.spec.shards
@@ -180,24 +205,21 @@ def _traffic(store: ObjectStore, federation: str, outcome: FederationOutcome) ->
         for key in store.list(f"{federation}/rounds/{state.round}/knowledge/"):
             if key.endswith(".dfk"):
                 device, data = key.split("/")[-2], store.get(key)
+                packet = decode(data, max_bytes=MAX_PACKET)
+                tokens = int(packet.seq_lengths.sum())
                 t.packets[device] = t.packets.get(device, 0) + 1
                 t.uplink[device] = t.uplink.get(device, 0) + len(data)
-                tokens = int(decode(data, max_bytes=MAX_PACKET).seq_lengths.sum())
                 t.tokens[device] = t.tokens.get(device, 0) + tokens
+                t.logit_bytes += _bytes_without_features(packet)
+                if packet.features is not None:
+                    t.feature_tokens += tokens
+                    t.feature_width_tokens += tokens * packet.header.feature_width
     return t
 
 
-def _logit_share(store: ObjectStore, federation: str, sample: int = 24) -> float:
-    """Bytes of a packet without its features over bytes with them (re-encoded, on a sample)."""
-    with_features = without = 0
-    keys = (k for k in store.list(f"{federation}/rounds/") if k.endswith(".dfk"))
-    for _, key in zip(range(sample), keys, strict=False):
-        data = store.get(key)
-        packet = decode(data, max_bytes=MAX_PACKET)
-        header = packet.header.model_copy(update={"feature_stages": (), "feature_width": 0})
-        with_features += len(data)
-        without += len(encode(dataclasses.replace(packet, header=header, features=None)))
-    return without / with_features if with_features else 1.0
+def _bytes_without_features(packet: KnowledgePacket) -> int:
+    header = packet.header.model_copy(update={"feature_stages": (), "feature_width": 0})
+    return len(encode(dataclasses.replace(packet, header=header, features=None)))
 
 
 class _Phases:
@@ -352,7 +374,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     traffic = _traffic(store, profile.federation, outcome)
     n = len(fleet)
     up, down = traffic.mean("uplink", n), traffic.mean("downlink", n)
-    logit_share = _logit_share(store, profile.federation)
+    logit_share = traffic.logit_share
 
     base = AutoModelForCausalLM.from_pretrained(assets.student_base, dtype=torch.float32).eval()
     rows = [
@@ -553,7 +575,14 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         ),
     ]
     tokens = traffic.mean("tokens", n) / rounds
-    real = bills.real_size_table(traffic.bytes_per_token, int(tokens), experts=max(2, experts))
+    real = bills.real_size_table(
+        traffic.bytes_per_token,
+        int(tokens),
+        rounds=rounds,
+        experts=max(2, experts),
+        feature_bytes_per_token=traffic.feature_bytes_per_token,
+        feature_width=traffic.feature_width,
+    )
     results = RunResults(
         run=profile.name,
         profile=profile.name,
