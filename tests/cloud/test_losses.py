@@ -137,6 +137,16 @@ def test_teacher_weights_quality_and_equal() -> None:
     assert w[0, 0] > w[0, 1] > w[0, 2]
 
 
+def test_a_member_that_scored_nothing_does_not_change_the_others_weights() -> None:
+    """A quarantined or silent member (all NaN) leaves the shared sequences the others' yardstick."""
+    nan = float("nan")
+    # Devices 0 and 1 are equal on the sequences both scored; device 0 also scored two harder ones.
+    nll = torch.tensor([[1.0, 1.0], [1.0, 1.0], [3.0, nan], [3.0, nan]])
+    silent = torch.cat([nll, torch.full((4, 1), nan)], dim=1)
+    torch.testing.assert_close(teacher_weights(nll)[:2], torch.full((2, 2), 0.5))
+    torch.testing.assert_close(teacher_weights(silent)[:2], torch.tensor([[0.5, 0.5, 0.0]] * 2))
+
+
 def test_student_kl_over_a_batch_equals_the_per_row_full_vocabulary_computation() -> None:
     from transformers import Qwen2ForCausalLM
 

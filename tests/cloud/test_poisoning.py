@@ -178,3 +178,54 @@ def test_a_device_claiming_an_impossible_nll_is_quarantined(rounds: dict[str, st
     assert set(screening.quarantined) == {HOSTILE}
     assert "below what its own distributions allow" in screening.quarantined[HOSTILE]
     assert screening.devices[HOSTILE].relative < 2  # its distributions agree: only the claim gives it away
+
+
+def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path: Path) -> None:
+    """Devices running one unmodified model agree exactly (divergence 0): the others' median is 0."""
+    import hashlib
+
+    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, encode
+
+    vocab, n = 50, 6
+
+    def sequences(seed: int) -> list[SequenceKnowledge]:
+        rng = np.random.default_rng(seed)
+        return [
+            SequenceKnowledge(
+                i,
+                np.arange(n),
+                np.zeros((n, 2)),
+                np.stack([rng.permutation(vocab)[:4] for _ in range(n)]),
+                np.full((n, 4), -1.7),
+                3.0,
+            )
+            for i in range(10)
+        ]
+
+    store = open_store(str(tmp_path / "store"))
+    for device, seed in (("a", 0), ("b", 0), ("c", 1)):
+        header = PacketHeader(
+            federation=FED,
+            round=ROUND,
+            device=device,
+            shard="s",
+            tokenizer="0" * 64,
+            vocab_size=vocab,
+            top_k=4,
+            stages=0,
+            patches=1,
+        )
+        data = encode(KnowledgePacket.from_sequences(header, sequences(seed)))
+        store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+    clusters = ClusterReport(
+        k=1,
+        assignment=dict.fromkeys("abc", 0),
+        members={0: ["a", "b", "c"]},
+        sizes={0: 3},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
+    screening = screen_round(store, index_round(store, FED, ROUND, clusters))
+    assert screening.devices["a"].disagreement == 0 and screening.devices["a"].reason is None
+    assert set(screening.quarantined) == {"c"}  # disagrees, above the floor, where the others agree exactly
+    assert "inf" not in screening.quarantined["c"]

@@ -77,6 +77,91 @@ def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str
     assert next(r.weight for r in batch.rows if r.device == better) > 0.5
 
 
+def test_a_sequence_sent_twice_by_one_device_is_one_loss_term(tmp_path: Path) -> None:
+    """Device a scores sequence 0 in two packets: it must not get twice b's weight on it."""
+    import hashlib
+
+    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
+
+    vocab, n = 50, 6
+    rng = np.random.default_rng(0)
+
+    def knowledge(sequence_id: int) -> SequenceKnowledge:
+        top = np.stack([rng.permutation(vocab)[:4] for _ in range(n)])
+        return SequenceKnowledge(sequence_id, np.arange(n), np.zeros((n, 2)), top, np.full((n, 4), -1.7), 2.0)
+
+    store = open_store(str(tmp_path / "store"))
+    for device, ids in (("a", [0, 1]), ("b", [0, 1]), ("a", [0])):
+        header = PacketHeader(
+            federation=FED,
+            round=ROUND,
+            device=device,
+            shard="s",
+            tokenizer="0" * 64,
+            vocab_size=vocab,
+            top_k=4,
+            stages=0,
+            patches=1,
+        )
+        data = encode(KnowledgePacket.from_sequences(header, [knowledge(i) for i in ids]))
+        store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+    clusters = ClusterReport(
+        k=1,
+        assignment={"a": 0, "b": 0},
+        members={0: ["a", "b"]},
+        sizes={0: 2},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
+    (batch,) = cluster_batches(store, index_round(store, FED, ROUND, clusters), 0, batch_size=8)
+    for seq in range(batch.input_ids.size(0)):
+        rows = sorted((r.device, r.weight) for r in batch.rows if r.seq == seq)
+        assert rows == [("a", pytest.approx(0.5)), ("b", pytest.approx(0.5))], (seq, rows)
+
+
+def test_phase_three_kl_shares_of_unequal_ranks_average_to_the_single_process_kl() -> None:
+    """3 sequences over 2 ranks (2 + 1): FSDP averages the ranks' gradients, so the mean of the ranks'
+    KL terms must be the global batch's KL, as the CE's is."""
+    from deepfusion.cloud.data import Batch, TeacherRow
+    from deepfusion.cloud.distributed import Ranks
+    from deepfusion.cloud.students import batch_kl
+    from deepfusion.cloud.trainer import _share_kl
+
+    torch.manual_seed(0)
+    vocab, size, length = 20, 3, 5
+    logits = torch.randn(size, length, vocab)
+    rows = [
+        TeacherRow(
+            s,
+            "d",
+            1.0,
+            torch.stack([torch.randperm(vocab)[:4] for _ in range(length)]),
+            torch.log_softmax(torch.randn(length, vocab), -1)[:, :4],
+            None,
+            (),
+            0,
+        )
+        for s in range(size)
+    ]
+    ids = torch.randint(0, vocab, (size, length))
+    batch = Batch(ids, torch.ones_like(ids), torch.full((size,), length), rows)
+    spec = TrainSpec(student=StudentSpec(temperature=2.0))
+    shares = [_share_kl(logits[rank::2], Ranks(rank, 2).slice(batch), batch, 2, spec) for rank in range(2)]
+    assert float(sum(shares) / 2) == pytest.approx(float(batch_kl(logits, batch, 2.0)), rel=1e-6)
+    assert float(_share_kl(logits, batch, batch, 1, spec)) == float(batch_kl(logits, batch, 2.0))
+
+
+def test_zero_phase_two_steps_keep_the_initial_student() -> None:
+    base = tiny_student(64)
+    windows = [np.arange(10) for _ in range(4)]
+    students, reports = train_students(
+        {0: lambda e: window_batches(windows, 2, seed=e)}, {0: base}, StudentSpec(steps=0)
+    )
+    assert reports[0]["history"] == []
+    for key, value in students[0].state_dict().items():
+        assert torch.equal(value, base.state_dict()[key]), key
+
+
 def test_a_tiny_round_trains_and_releases_a_loadable_moe(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path
 ) -> None:
@@ -172,6 +257,41 @@ def _cli_args(store: str, base: Path, tokenizer_dir: Path, version: str) -> list
     args = ["train", "--round", "0", "--base", str(base), "--tokenizer", str(tokenizer_dir), "--no-publish"]
     args += ["--set", f'federation="{FED}"', "--set", f'store.uri="{store}"']
     return [*args, "--steps", "2", "--tune-steps", "4", "--version", version, "--no-warm-start"]
+
+
+def test_train_command_refuses_a_missing_or_foreign_base_with_a_message(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = ["--no-publish", "--set", f'federation="{FED}"', "--set", f'store.uri="{tmp_path / "store"}"']
+    missing = CliRunner().invoke(
+        app, ["train", "--round", "0", "--base", str(tmp_path / "nothing"), *settings]
+    )
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    empty = CliRunner().invoke(app, ["train", "--round", "0", "--base", str(tmp_path), *settings])
+    assert empty.exit_code == 2 and "--base" in empty.output
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    llama = CliRunner().invoke(app, ["train", "--round", "0", "--base", str(tmp_path / "llama"), *settings])
+    assert llama.exit_code == 2 and "LlamaForCausalLM" in llama.output and "Qwen2" in llama.output
+
+
+def test_train_command_refuses_an_eval_set_without_windows_and_a_missing_round(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """No held-out windows would report a perfect perplexity of 1; a round not in the store, a traceback."""
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    (tmp_path / "bad.jsonl").write_text('{"body": "no text field"}\n')
+    (tmp_path / "short.txt").write_text("a\n")
+    (tmp_path / "good.txt").write_text("The patients were seen in the clinic.\n")
+    args = _cli_args(str(tmp_path / "store"), base, tokenizer_dir, "none")
+    for name, message in (("bad.jsonl", "unreadable"), ("short.txt", "no text")):
+        result = CliRunner().invoke(app, [*args, "--eval", f"medical={tmp_path / name}"])
+        assert result.exit_code == 2 and message in result.output, result.output
+    missing = CliRunner().invoke(app, [*args, "--eval", f"medical={tmp_path / 'good.txt'}"])
+    assert missing.exit_code == 1 and "round 0 of 'fed' is not in the store" in missing.output
 
 
 def test_train_command_refuses_a_bias_update_without_deepseek(round_store: str, tmp_path: Path) -> None:
@@ -286,6 +406,71 @@ def test_a_killed_training_resumes_to_the_same_release(
     reference = models["whole"].state_dict()
     for key, value in models["resumed"].state_dict().items():
         torch.testing.assert_close(value, reference[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_rerun_from_another_base_does_not_resume_the_old_checkpoints(tmp_path: Path) -> None:
+    """Killed after a checkpoint, then run again with a different base of the same shape: phase II
+    starts over from the new base instead of silently continuing the old base's student."""
+    import hashlib
+
+    from deepfusion.shared.messages import Metrics
+    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
+
+    vocab, n = 64, 8
+    rng = np.random.default_rng(0)
+    store = open_store(str(tmp_path / "store"))
+    header = PacketHeader(
+        federation=FED,
+        round=ROUND,
+        device="a",
+        shard="s",
+        tokenizer="0" * 64,
+        vocab_size=vocab,
+        top_k=4,
+        stages=0,
+        patches=1,
+    )
+    sequences = [
+        SequenceKnowledge(
+            i,
+            rng.integers(0, vocab, n),
+            np.zeros((n, 2)),
+            np.stack([rng.permutation(vocab)[:4] for _ in range(n)]),
+            np.full((n, 4), -1.7),
+            3.0,
+        )
+        for i in range(8)
+    ]
+    data = encode(KnowledgePacket.from_sequences(header, sequences))
+    store.put(f"{FED}/rounds/{ROUND}/knowledge/a/{hashlib.sha256(data).hexdigest()}.dfk", data)
+    clusters = ClusterReport(
+        k=1, assignment={"a": 0}, members={0: ["a"]}, sizes={0: 1}, silhouette=None, centroids=[[1.0]]
+    )
+    store.put(f"{FED}/rounds/{ROUND}/clusters.json", clusters.model_dump_json().encode())
+    spec = TrainSpec(
+        student=StudentSpec(steps=6, batch_size=2),
+        tune_steps=1,
+        checkpoint_every=2,
+        screen=False,
+        metrics_every=1,
+    )
+    tokenizer = type("Tokenizer", (), {"save_pretrained": lambda self, directory: None})()  # not shipped here
+
+    def die(metric: Metrics) -> None:
+        if metric.phase == "phase II cluster 0" and metric.step == 3:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_round(store, FED, ROUND, tiny_student(vocab), tokenizer, spec, sink=die)
+    assert list(store.list(f"{FED}/rounds/{ROUND}/checkpoints/"))
+    other = tiny_student(vocab)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.5)
+    seen: list[Metrics] = []
+    train_round(store, FED, ROUND, other, tokenizer, spec, sink=seen.append)
+    steps = [m.step for m in seen if m.phase == "phase II cluster 0"]
+    assert steps[0] == 1, steps  # started over; resuming would have begun at step 3
 
 
 @pytest.mark.slow

@@ -66,3 +66,35 @@ def test_feature_loss_sends_gradient_into_the_student_backbone() -> None:
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     # Stage 2 is the final-norm output, so the last layer's FFN gets gradient too.
     assert student.model.layers[-1].mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_a_student_with_fewer_layers_than_stages_matches_each_teacher_stage_at_its_own_depth() -> None:
+    """Round J = 4, student of 2 layers, a teacher packet carrying stages (1, 3): stage 3 (the teacher's
+    last layer) is matched too, against the student's last hidden state, and stage 1 against its middle."""
+    from deepfusion.cloud.data import Batch, TeacherRow, pad_windows
+    from deepfusion.cloud.students import StudentSpec, StudentTrainer
+
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(get_preset("student-tiny").config(64, num_hidden_layers=2))
+    trainer = StudentTrainer(student, StudentSpec(alpha=1.0, beta=0.0), stages=4, patches=2, widths=[8])
+    assert trainer.vaa is not None and trainer.vaa.config.stages == 4
+    assert trainer.stage_ids == stage_indices(2, 4) == stage_layers(2, 4) == (0, 1, 1, 2)
+    ids, mask, lengths = pad_windows([np.arange(10)])
+
+    def fm(features: torch.Tensor) -> float:
+        row = TeacherRow(
+            seq=0,
+            device="d",
+            weight=1.0,
+            topk_ids=torch.zeros(10, 1, dtype=torch.long),
+            topk_logprobs=torch.zeros(10, 1),
+            features=features,
+            feature_stages=(1, 3),
+            width=8,
+        )
+        with torch.no_grad():
+            return float(trainer.losses(Batch(ids, mask, lengths, [row]))["fm"])
+
+    last_moved = torch.zeros(2, 2, 8)
+    last_moved[1] = 100.0
+    assert fm(last_moved) > fm(torch.zeros(2, 2, 8)) + 1000  # the last stage is not dropped

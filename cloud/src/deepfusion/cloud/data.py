@@ -89,8 +89,12 @@ def read_clusters(store: ObjectStore, federation: str, round_id: int) -> Cluster
     try:
         return ClusterReport.model_validate_json(store.get(f"{prefix}clusters.json"))
     except ObjectNotFound:
+        pass
+    try:
         state = json.loads(store.get(state_key(federation, round_id)))
-        return ClusterReport.model_validate(state["clusters"])
+    except ObjectNotFound:  # a ValueError: the trainer's CLI reports it as a message, not a traceback
+        raise ValueError(f"round {round_id} of {federation!r} is not in the store (no clusters)") from None
+    return ClusterReport.model_validate(state["clusters"])
 
 
 @dataclass
@@ -165,9 +169,16 @@ def index_round(
             continue
         index.stages, index.patches = h.stages, h.patches
         for seq in packet.sequences():
-            index.sequences.setdefault((cluster, h.shard, seq.sequence_id), []).append(
-                (key, h.device, seq.nll)
-            )
+            scorers = index.sequences.setdefault((cluster, h.shard, seq.sequence_id), [])
+            if any(device == h.device for _, device, _ in scorers):
+                # One loss term per (sequence, device): a sequence sent again in another packet would
+                # add its device's weight twice. The first packet listed keeps it.
+                log.warning(
+                    "round %d: %s sent sequence %d of %s again (%s); ignored", round_id, h.device,
+                    seq.sequence_id, h.shard, key,
+                )  # fmt: skip
+                continue
+            scorers.append((key, h.device, seq.nll))
             if seq.features is not None:
                 for stage, states in zip(h.feature_stages, seq.features, strict=True):
                     index.moments.setdefault((h.feature_width, stage), _Moments()).add(states)

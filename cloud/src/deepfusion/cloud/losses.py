@@ -137,7 +137,9 @@ def teacher_weights(nll: torch.Tensor, tau: float | None = 0.2) -> torch.Tensor:
     if tau is None:
         logits = torch.zeros_like(nll)
     else:
-        shared = present.all(dim=1)  # [S] sequences every member scored
+        # [S] sequences every member scored; a member that scored nothing (silent, or quarantined)
+        # must not empty that set, or quality would be compared over different sequences.
+        shared = present[:, present.any(dim=0)].all(dim=1)
         rows = shared if shared.any() else torch.ones_like(shared)  # no overlap: all a device scored
         use = present & rows[:, None]  # [S, D]
         filled = torch.where(use, nll, torch.zeros_like(nll))

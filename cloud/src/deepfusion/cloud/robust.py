@@ -154,19 +154,28 @@ def screen_round(
                 continue  # sent nothing this round
             score = scored.get(device, math.nan)
             others = [v for d, v in scored.items() if d != device]
-            relative = score / float(np.median(others)) if len(scored) >= 3 and others else math.nan
+            relative = _relative(score, others) if len(scored) >= 3 and others else math.nan
             gap = float(np.median(gaps[device]))
             reason = None
             if gap < -_NLL_SLACK:
                 reason = f"reports seq_nll {-gap:.2f} nats below what its own distributions allow"
             elif relative > factor and score > floor:
-                reason = f"disagrees with its cluster {relative:.1f}x the other members' median"
+                times = f"{relative:.1f}x" if math.isfinite(relative) else "far above"
+                reason = f"disagrees with its cluster {times} the other members' median"
             screens[device] = DeviceScreen(
                 cluster, score, relative, gap, len(closest.get(device, [])), reason
             )
             if reason:
                 log.warning("round %d: quarantined %s: %s", index.round, device, reason)
     return Screening(screens)
+
+
+def _relative(score: float, others: list[float]) -> float:
+    """`score` over the others' median; members that agree exactly (identical models) have median 0."""
+    median = float(np.median(others))
+    if median > 0:
+        return score / median
+    return math.inf if score > 0 else 1.0
 
 
 def screening_values(screening: Screening) -> dict[str, float]:

@@ -106,7 +106,8 @@ class StudentTrainer:
         self.device = next(student.parameters()).device  # the student's: CPU, or a GPU with bf16
         widths = sorted(set(widths))
         if spec.alpha > 0 and stages > 0 and widths:
-            J = min(stages, student.config.num_hidden_layers)
+            # All J of the round, even above the student's layers: a packet's stage j is VAA group j.
+            J = stages
             vaa_config = VAAConfig(**{**spec.vaa.__dict__, "stages": J, "patches": patches})
             teacher_widths = {family_of(w): w for w in widths}
             self.vaa = ViewAlignedAttention(vaa_config, student.config.hidden_size, teacher_widths).to(

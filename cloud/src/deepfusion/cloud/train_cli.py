@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import cast, get_args
+from typing import Any, cast, get_args
 
 import typer
 
@@ -23,10 +23,36 @@ def _eval_sets(values: list[str]) -> dict[str, Path]:
     return sets
 
 
+def _load(auto: Any, directory: Path, option: str, **kwargs: Any) -> Any:
+    """`auto.from_pretrained(directory)`, or a usage error naming `option` when it holds none."""
+    try:
+        return auto.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError) as exc:  # no or a broken checkpoint/tokenizer there
+        raise typer.BadParameter(f"{directory}: {exc}", param_hint=option) from None
+
+
+def _heldout_windows(tokenizer: Any, domain: str, path: Path, tokens: int) -> list[Any]:
+    """The domain's test windows; a file that gives none would report a perfect perplexity of 1."""
+    from deepfusion.cloud.evaluate import token_windows
+    from deepfusion.cloud.shards import read_texts
+
+    try:
+        windows = token_windows(tokenizer, read_texts(path), tokens)
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, no "text" field, not UTF-8
+        raise typer.BadParameter(f"{domain}: {path} is unreadable ({exc!r})", param_hint="--eval") from None
+    if not windows:
+        raise typer.BadParameter(f"{domain}: {path} has no text of 2 tokens or more", param_hint="--eval")
+    return windows
+
+
 def train(
     round_id: int = typer.Option(..., "--round", help="The closed round to train on."),
-    base: Path = typer.Option(..., help="Base student: a Qwen2 transformers checkpoint directory."),
-    tokenizer_dir: Path = typer.Option(None, "--tokenizer", help="Tokenizer to ship (default: --base's)."),
+    base: Path = typer.Option(
+        ..., exists=True, file_okay=False, help="Base student: a Qwen2 transformers checkpoint directory."
+    ),
+    tokenizer_dir: Path = typer.Option(
+        None, "--tokenizer", exists=True, file_okay=False, help="Tokenizer to ship (default: --base's)."
+    ),
     config: Path = typer.Option(None, "--config", help="Cloud config TOML."),
     overrides: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
     steps: int = typer.Option(300, help="Phase II steps per student."),
@@ -80,14 +106,12 @@ def train(
     Under `torchrun --nproc-per-node N -m deepfusion.cloud.cli train ...` the students are shared
     among the N processes and phase III runs sharded (FSDP); the release is the same."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
     from deepfusion.cloud.distributed import Ranks
-    from deepfusion.cloud.evaluate import token_windows
     from deepfusion.cloud.hardware import move, resolve_device
     from deepfusion.cloud.merge import Architecture, MergeSpec
     from deepfusion.cloud.settings import load_cloud_config
-    from deepfusion.cloud.shards import read_texts
     from deepfusion.cloud.students import StudentSpec
     from deepfusion.cloud.trainer import TrainSpec, train_round
     from deepfusion.shared.messages import Metrics, encode_message
@@ -111,9 +135,12 @@ def train(
         where = resolve_device(device)
     except (ValueError, RuntimeError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--device") from None
-    model = move(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), where)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base)
-    heldout = {d: token_windows(tokenizer, read_texts(p), eval_tokens) for d, p in sets.items()}
+    model = move(_load(AutoModelForCausalLM, base, "--base", dtype=torch.float32), where)
+    if not isinstance(model, Qwen2ForCausalLM):  # the MoE is built from Qwen2 students
+        found = type(model).__name__
+        raise typer.BadParameter(f"{base} holds a {found}, not a Qwen2 model", param_hint="--base")
+    tokenizer = _load(AutoTokenizer, tokenizer_dir or base, "--tokenizer" if tokenizer_dir else "--base")
+    heldout = {d: _heldout_windows(tokenizer, d, p, eval_tokens) for d, p in sets.items()}
     spec = TrainSpec(
         student=StudentSpec(
             steps=steps,

@@ -21,6 +21,7 @@ students and phase III runs sharded with FSDP (distributed.py).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import tempfile
@@ -230,7 +231,7 @@ def tune_moe(
                 if getattr(out, "aux_loss", None) is not None:
                     loss = loss + aux_coef * out.aux_loss  # the load-balancing loss
                 if local.rows:
-                    loss = loss + spec.tune_beta * batch_kl(out.logits, local, spec.student.temperature)
+                    loss = loss + spec.tune_beta * _share_kl(out.logits, local, batch, ranks.world, spec)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,6 +251,13 @@ def tune_moe(
     for param in moe.parameters():
         param.requires_grad = True
     return losses
+
+
+def _share_kl(logits: torch.Tensor, local: Batch, batch: Batch, world: int, spec: TrainSpec) -> torch.Tensor:
+    """This rank's part of the global batch's KL: the mean over ranks (what the averaged gradients
+    follow) is the single-process `batch_kl`, also when the ranks hold unequal shares of the batch."""
+    share = local.input_ids.size(0) * world / batch.input_ids.size(0)
+    return batch_kl(logits, local, spec.student.temperature) * share
 
 
 def _endless(epochs: EpochFn) -> Iterator[Batch]:
@@ -312,9 +320,9 @@ def train_students(
             log.info(
                 "cluster %d: |grad a*FM| / |grad CE| in the student: mean %.3f", cluster, np.mean(ratios)
             )
-        log.info(
-            "cluster %d: student trained %d steps, last loss %.3f", cluster, len(history), history[-1]["loss"]
-        )
+        if history:  # `steps=0` keeps the initial student (no phase II), and has no last loss
+            last = history[-1]["loss"]
+            log.info("cluster %d: student trained %d steps, last loss %.3f", cluster, len(history), last)
         students[cluster] = student
     return students, reports
 
@@ -440,15 +448,17 @@ def train_round(
             index = index_round(store, federation, round_id, clusters, exclude=quarantined)
 
     cluster_ids = sorted(clusters.members)
+    warm = previous_students(store, federation, round_id, cluster_ids) if spec.warm_start else {}
+    warm = {c: move(student, base.device) for c, student in warm.items()}
+    init = {c: warm.get(c, base) for c in cluster_ids}
     # Settings that change phase II invalidate its checkpoints; the rest (phase III, version) do not.
-    fingerprint = repr((spec.student, spec.seed, spec.warm_start, sorted(quarantined)))
+    # The students' starting weights are such a setting: a rerun from another base must not resume.
+    starts = sorted((c, _weights_digest(model)) for c, model in init.items())
+    fingerprint = repr((spec.student, spec.seed, spec.warm_start, sorted(quarantined), starts))
     checkpoints = Checkpoints(store, federation, round_id, fingerprint=fingerprint)
     if not spec.resume and ranks.main:
         checkpoints.clear()
     ranks.barrier()
-    warm = previous_students(store, federation, round_id, cluster_ids) if spec.warm_start else {}
-    warm = {c: move(student, base.device) for c, student in warm.items()}
-    init = {c: warm.get(c, base) for c in cluster_ids}
     log.info(
         "round %d: students start from %s", round_id, {c: "previous" if c in warm else "base" for c in init}
     )
@@ -509,6 +519,15 @@ def train_round(
     released = ranks.from_main(note)
     assert released is not None
     return released, report
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names and bytes), one tensor at a time off its device."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _release(

@@ -42,9 +42,13 @@ class VAAConfig:
 
 
 def stage_indices(num_layers: int, stages: int) -> tuple[int, ...]:
-    """Indices into `hidden_states` (0 = embeddings) at the ends of J even layer groups."""
-    if not 1 <= stages <= num_layers:
-        raise ValueError(f"J={stages} stages need 1 <= J <= {num_layers} (the model's layers)")
+    """Indices into `hidden_states` (0 = embeddings) at the ends of J even layer groups.
+
+    J may exceed the layers, as in the packets: stage j stays at floor((j + 1)·L / J) (some stages
+    repeat a neighbour), so stage j of a student is the depth of stage j of every teacher.
+    """
+    if stages < 1 or num_layers < 1:
+        raise ValueError(f"J={stages} stages of a model of {num_layers} layers: both must be >= 1")
     return tuple((j + 1) * num_layers // stages for j in range(stages))
 
 
