@@ -12,7 +12,7 @@ Runs, in one process tree and against one mosquitto:
 Every ingest run counts until the publisher has received every Ack, i.e. every packet was decoded,
 checked against the federation's context, written (fsync'd locally) and acknowledged. Packets are
 synthetic but shaped like a small LM's: k = 16 of a 4096 vocabulary, J = 4, P = 4, width 64; the
-default 20 sequences of 64 tokens make 115 KiB packets, the size agents send (they fill the round's
+default 24 sequences of 64 tokens make 115 KiB packets, the size agents send (they fill the round's
 120 KiB budget). The table is printed as Markdown; ratios are against the raw rate measured in the
 same run. The CPU time the workers spent per packet (user + system, from /proc) is the cost that
 does not depend on what else shares the machine.
@@ -241,7 +241,7 @@ def start_s3(workdir: Path) -> tuple[object, list[str], dict[str, str], object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--packets", type=int, default=1000)
-    parser.add_argument("--sequences", type=int, default=20, help="sequences per packet (20: 115 KiB)")
+    parser.add_argument("--sequences", type=int, default=24, help="sequences per packet (24: 115 KiB)")
     parser.add_argument("--threads", type=int, default=16, help="store threads per ingest worker")
     parser.add_argument("--no-s3", action="store_true")
     args = parser.parse_args()

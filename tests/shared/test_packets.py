@@ -21,16 +21,21 @@ from deepfusion.shared.packets import (
     SequenceTooLarge,
     apply_top_p,
     decode,
+    dequantize_features,
     encode,
+    quantize_features,
     sentinel_for,
 )
 from tests.shared.packet_factory import make_header, make_packet, make_sequence, raw_bytes
 
 
 def assert_same_packet(a: KnowledgePacket, b: KnowledgePacket) -> None:
+    """`b` is `a` after the wire: every tensor equal, the features as their int8 blocks give them."""
     assert a.header == b.header
     ta, tb = a.tensors(), b.tensors()
     assert ta.keys() == tb.keys()
+    if "features" in ta:
+        ta["features"] = dequantize_features(*quantize_features(ta["features"]))
     for name in ta:
         assert ta[name].dtype == tb[name].dtype, name
         assert np.array_equal(ta[name], tb[name]), name
@@ -192,6 +197,92 @@ RULES = [
 def test_validation_rule(name, mutate, reason):
     packet = make_packet(seed=7)
     tensors, meta = packet.tensors(), packet.header.to_metadata()
+    decode(raw_bytes(tensors, meta))  # unmutated, it is accepted
+    mutate(tensors, meta)
+    with pytest.raises(PacketError) as info:
+        decode(raw_bytes(tensors, meta))
+    assert info.value.reason == reason, info.value
+
+
+# --- features on the wire: int8 blocks of 32 with a float16 scale each ----------------------------
+
+
+def test_feature_blocks_keep_every_value_within_half_a_step_of_its_block():
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(3, 2, 4, 80)).astype(np.float16)  # 80 = two blocks and a half
+    features[1, 1, 1, :32] = 0
+    values, scales = quantize_features(features)
+    assert values.dtype == np.int8 and values.shape == features.shape
+    assert scales.dtype == np.float16 and scales.shape == (3, 2, 4, 3)
+    x = features.astype(np.float32)
+    back = dequantize_features(values, scales).astype(np.float32)
+    step = np.repeat(scales.astype(np.float32), 32, axis=-1)[..., :80]
+    assert (np.abs(back - x) <= step / 2 + np.abs(x) * 2**-11 + 1e-7).all()  # half a step, then float16
+    assert ((back - x) ** 2).sum() / (x**2).sum() < 1e-4
+    assert (back[1, 1, 1, :32] == 0).all()
+    # An outlier (a "massive activation" dimension) coarsens its own block and no other.
+    spiked = features.copy()
+    spiked[0, 0, 0, 5] = 300
+    spiked_values, spiked_scales = quantize_features(spiked)
+    assert spiked_scales[0, 0, 0, 0] > 50 * scales[0, 0, 0, 0]
+    assert np.array_equal(spiked_values[0, 0, 0, 32:], values[0, 0, 0, 32:])
+    assert np.array_equal(spiked_scales[0, 0, 0, 1:], scales[0, 0, 0, 1:])
+
+
+def test_features_travel_as_int8_in_half_the_bytes_and_float16_packets_still_read():
+    packet = make_packet(seed=3, sequences=4, length=8, feature_stages=(0, 1, 2, 3), feature_width=256)
+    wire = packet.wire_tensors()
+    assert wire["features"].dtype == np.int8 and wire["feature_scales"].shape == (4, 4, 2, 8)
+    header = packet.header.model_copy(update={"feature_stages": (), "feature_width": 0})
+    bare = len(encode(KnowledgePacket(**{**packet.tensors(), "features": None}, header=header)))
+    legacy = raw_bytes(packet.tensors(), packet.header.to_metadata())  # float16 features, no scales
+    assert len(encode(packet)) - bare < 0.6 * (len(legacy) - bare)
+    assert np.array_equal(decode(legacy).features, packet.features)
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"), [(1e4, True), (-1e4, True), (10001.0, False), (np.nan, False)]
+)
+def test_float32_features_in_memory_keep_the_bound(value, accepted):
+    packet = make_packet(seed=2)
+    features = packet.features.astype(np.float32)
+    features[1, 0, 1, 2] = value
+    tensors = {**packet.tensors(), "features": features}
+    if accepted:
+        KnowledgePacket(**tensors, header=packet.header)
+        return
+    with pytest.raises(PacketError) as info:
+        KnowledgePacket(**tensors, header=packet.header)
+    assert info.value.reason == RejectReason.BAD_FEATURES
+
+
+def _scales(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensors, Meta], None]:
+    return _set("feature_scales", fn)
+
+
+WIRE_RULES = [
+    ("int8 features without scales", _drop("feature_scales"), RejectReason.MISSING_TENSOR),
+    ("scales without features", _drop("features"), RejectReason.MISSING_TENSOR),
+    ("float32 scales", _scales(lambda a: a.astype(np.float32)), RejectReason.BAD_DTYPE),
+    (
+        "float16 features with scales",
+        _set("features", lambda a: a.astype(np.float16)),
+        RejectReason.BAD_DTYPE,
+    ),
+    ("a scale per value", _scales(lambda a: np.repeat(a, 32, axis=-1)), RejectReason.BAD_SHAPE),
+    ("NaN scale", _scales(_at((0, 0, 0, 0), np.nan)), RejectReason.BAD_FEATURES),
+    ("infinite scale", _scales(_at((1, 0, 1, 0), np.inf)), RejectReason.BAD_FEATURES),
+    ("negative scale", _scales(_at((0, 1, 0, 0), -0.5)), RejectReason.BAD_FEATURES),
+    ("scale past the feature bound", _scales(_at((0, 0, 1, 0), 200.0)), RejectReason.BAD_FEATURES),
+    ("scale overflowing float16", _scales(_at((0, 0, 1, 0), 60000.0)), RejectReason.BAD_FEATURES),
+]
+
+
+@pytest.mark.parametrize(("name", "mutate", "reason"), WIRE_RULES, ids=[r[0] for r in WIRE_RULES])
+def test_wire_feature_rule(name, mutate, reason):
+    packet = make_packet(seed=7)
+    tensors, meta = packet.wire_tensors(), packet.header.to_metadata()
+    tensors["features"][0, 0, 0, :] = 127  # full-scale values, so that a scale's size shows
     decode(raw_bytes(tensors, meta))  # unmutated, it is accepted
     mutate(tensors, meta)
     with pytest.raises(PacketError) as info:

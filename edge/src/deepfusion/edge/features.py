@@ -19,8 +19,8 @@ Exact definition, for a model of L transformer blocks and a sequence of n tokens
   `start_p = floor(p * n / P)` and `end_p = max(floor((p + 1) * n / P), start_p + 1)`: the P patches
   are equal and disjoint when P divides n, differ by at most one token otherwise, and when n < P a
   token is repeated in adjacent patches so that no patch is empty.
-- A patch's feature is the float32 mean of its tokens' hidden states; the packet carries it as
-  float16, `[J, P, width]` per sequence.
+- A patch's feature is the float32 mean of its tokens' hidden states, `[J, P, width]` per sequence;
+  the packet carries it as int8 in blocks of 32 with a float16 scale each.
 """
 
 from __future__ import annotations

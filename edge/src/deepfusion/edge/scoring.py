@@ -163,13 +163,14 @@ def to_knowledge(
 
 
 def _stage_features(score: SequenceScore, feature_stages: tuple[int, ...] | None) -> np.ndarray | None:
-    """The float16 rows of the score's features that belong to `feature_stages`."""
+    """The float32 rows of the score's features that belong to `feature_stages` (the packet encoder
+    quantizes them to int8 blocks)."""
     if score.features is None or feature_stages == ():
         return None
     if feature_stages is None:
-        return score.features.astype(np.float16)
+        return score.features.astype(np.float32)
     rows = [score.feature_stages.index(stage) for stage in feature_stages]
-    return score.features[rows].astype(np.float16)
+    return score.features[rows].astype(np.float32)
 
 
 def batched(items: Iterator[Window], size: int) -> Iterator[list[Window]]:

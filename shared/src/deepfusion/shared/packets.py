@@ -2,7 +2,7 @@
 
 Wire format: the 4-byte magic `DFK1`, then one zstd frame (content size and checksum in its header)
 holding a safetensors blob. Safetensors because parsing untrusted bytes must never execute anything;
-zstd because top-k rows padded with sentinels and float16 features compress well and fast.
+zstd because top-k rows padded with sentinels compress well and fast.
 
 Tensors, for S sequences of T tokens in all (sequence s holds `seq_lengths[s]` consecutive tokens):
 
@@ -13,8 +13,17 @@ Tensors, for S sequences of T tokens in all (sequence s holds `seq_lengths[s]` c
     topk_ids       [T, k]         uint16|uint32   next-token ids, most likely first; SENTINEL pads
     topk_logprobs  [T, k]         float16  log-softmax at temperature 1; -inf where the id is SENTINEL
     seq_nll        [S]            float32  the device's mean next-token loss on each sequence
-    features       [S, Js, P, W]  float16  pooled hidden states of the Js stages in `feature_stages`
+    features       [S, Js, P, W]  int8     pooled hidden states of the Js stages in `feature_stages`
                                            (absent when the backend exposes no hidden states)
+    feature_scales [S, Js, P, B]  float16  one scale per block of 32 features along W (B = ceil(W/32)):
+                                           feature = int8 value x its block's scale
+
+Features travel as int8 in blocks of 32 with a float16 absmax scale each (llama.cpp's q8_0 layout):
+half the bytes of float16, and they grow with the model's width, so at SmolLM2's 576 they would be
+two thirds of a packet. The error is 1e-4 of a feature vector's energy (float16: 1e-7), small
+against what the feature loss fits; one outlier dimension costs precision only within its block. A
+packet whose features are float16 without scales is read too. In memory, `KnowledgePacket.features`
+holds float32 values (float16 as read from such a packet); the encoder takes either.
 
 Row t of the top-k arrays is the distribution of the token that follows token t. Everything public
 is `encode`, `decode`, the dataclasses and `PacketBuilder`; `decode` raises nothing but
@@ -49,7 +58,9 @@ __all__ = [
     "SequenceTooLarge",
     "apply_top_p",
     "decode",
+    "dequantize_features",
     "encode",
+    "quantize_features",
     "sentinel_for",
 ]
 
@@ -58,6 +69,7 @@ DEFAULT_BUDGET = 120 * 1024  # one packet = one MQTT message, below AWS IoT Core
 MAX_DECOMPRESSED = 32 * 1024 * 1024  # a decompression bomb stops here
 MAX_HEADER_BYTES = 64 * 1024
 FEATURE_BOUND = 1e4  # pooled hidden states beyond this are corrupt or hostile
+FEATURE_BLOCK = 32  # features per int8 scale on the wire
 MASS_TOLERANCE = 2e-3  # float16 rounding of up to k log-probs
 
 _ID_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
@@ -70,8 +82,9 @@ _DTYPES: dict[str, tuple[np.dtype[Any], ...]] = {
     "topk_ids": _ID_DTYPES,
     "topk_logprobs": (np.dtype(np.float16),),
     "seq_nll": (np.dtype(np.float32),),
-    "features": (np.dtype(np.float16),),
+    "features": (np.dtype(np.float16), np.dtype(np.float32)),
 }
+_WIRE_FEATURES = ("features", "feature_scales")
 
 
 class PacketError(ValueError):
@@ -225,7 +238,9 @@ class KnowledgePacket:
                 raise PacketError(
                     RejectReason.MISSING_TENSOR, "header announces features, a sequence has none"
                 )
-            features = np.stack([np.asarray(s.features, dtype=np.float16) for s in sequences])
+            features = np.stack([np.asarray(s.features) for s in sequences])
+            if features.dtype != np.float16:
+                features = features.astype(np.float32)
         return cls(
             header=header,
             sequence_ids=np.array([s.sequence_id for s in sequences], dtype=np.uint32),
@@ -259,8 +274,49 @@ class KnowledgePacket:
             )
 
     def tensors(self) -> dict[str, np.ndarray]:
+        """The tensors as held in memory (float features)."""
         names = (*_REQUIRED, "features") if self.features is not None else _REQUIRED
         return {name: np.ascontiguousarray(getattr(self, name)) for name in names}
+
+    def wire_tensors(self) -> dict[str, np.ndarray]:
+        """The tensors as encoded: features as int8 blocks with their scales."""
+        tensors = self.tensors()
+        if self.features is not None:
+            tensors["features"], tensors["feature_scales"] = quantize_features(self.features)
+        return tensors
+
+
+def quantize_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float features [..., W] as int8 [..., W] and float16 scales [..., ceil(W / 32)] (absmax / 127)."""
+    blocks = _blocks(features.astype(np.float32))
+    scales = (np.abs(blocks).max(axis=-1) / 127).astype(np.float16)
+    # A block of zeros (or of values below float16's smallest scale) has scale 0 and stays 0; a scale
+    # rounded down to float16 can put the absmax a hair past 127, hence the clip.
+    wide = scales.astype(np.float32)
+    inverse = np.divide(1.0, wide, out=np.zeros_like(wide), where=wide > 0)
+    values = np.clip(np.rint(blocks * inverse[..., None]), -127, 127).astype(np.int8)
+    return _unblock(values, features.shape[-1]), scales
+
+
+def dequantize_features(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The float32 features of int8 `values` [..., W] and their block `scales` [..., ceil(W / 32)].
+
+    Float32, not float16: numpy casts float32 to float16 element by element, which tripled a decode.
+    """
+    blocks = _blocks(values).astype(np.float32) * scales.astype(np.float32)[..., None]
+    return _unblock(blocks, values.shape[-1])
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    """[..., W] as [..., ceil(W / 32), 32], zero-padded when W is not a multiple of 32."""
+    pad = -x.shape[-1] % FEATURE_BLOCK
+    if pad:
+        x = np.concatenate([x, np.zeros((*x.shape[:-1], pad), dtype=x.dtype)], axis=-1)
+    return x.reshape(*x.shape[:-1], -1, FEATURE_BLOCK)
+
+
+def _unblock(blocks: np.ndarray, width: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks.reshape(*blocks.shape[:-2], -1)[..., :width])
 
 
 def _fail(reason: RejectReason, detail: str) -> PacketError:
@@ -362,11 +418,17 @@ def _validate(p: KnowledgePacket) -> None:
         )
     if not np.isfinite(p.seq_nll).all() or (p.seq_nll < 0).any():
         raise _fail(RejectReason.BAD_NLL, "seq_nll must be finite and >= 0")
-    if p.features is not None:
+    if p.features is not None and not _features_bounded(p.features):
+        raise _fail(RejectReason.BAD_FEATURES, f"features must be finite with |x| <= {FEATURE_BOUND:g}")
+
+
+def _features_bounded(features: np.ndarray) -> bool:
+    if features.dtype == np.float16:
         # Without the sign bit, float16 bit patterns order like |x|, with inf and NaN above every finite.
-        magnitude = p.features.view(np.uint16) & np.uint16(0x7FFF)
-        if int(magnitude.max(initial=0)) > _FEATURE_BOUND_BITS:
-            raise _fail(RejectReason.BAD_FEATURES, f"features must be finite with |x| <= {FEATURE_BOUND:g}")
+        magnitude = features.view(np.uint16) & np.uint16(0x7FFF)
+        return int(magnitude.max(initial=0)) <= _FEATURE_BOUND_BITS
+    largest = float(np.abs(features).max(initial=0.0))
+    return largest <= FEATURE_BOUND  # False for NaN as well
 
 
 def _has_duplicate_id(topk_ids: np.ndarray, sentinel: int) -> bool:
@@ -411,7 +473,7 @@ def _canonical(blob: bytes) -> bytes:
 
 def encode(packet: KnowledgePacket, *, level: int = 3) -> bytes:
     """Bytes of a (validated) packet: magic + zstd(safetensors). The same packet gives the same bytes."""
-    blob = _canonical(safetensors.numpy.save(packet.tensors(), metadata=packet.header.to_metadata()))
+    blob = _canonical(safetensors.numpy.save(packet.wire_tensors(), metadata=packet.header.to_metadata()))
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     return MAGIC + compressor.compress(blob)
 
@@ -469,12 +531,17 @@ def decode(
             raise _fail(RejectReason.BAD_MAGIC, f"starts with {bytes(data[:4])!r}, not {MAGIC!r}")
         metadata, tensors = _read_container(_decompress(bytes(data[4:]), max_decompressed))
         header = PacketHeader.from_metadata(metadata)
-        unknown = set(tensors) - {*_REQUIRED, "features"}
+        unknown = set(tensors) - {*_REQUIRED, *_WIRE_FEATURES}
         if unknown:
             raise _fail(RejectReason.UNEXPECTED_TENSOR, f"unknown tensors {sorted(unknown)}")
         missing = set(_REQUIRED) - set(tensors)
         if missing:
             raise _fail(RejectReason.MISSING_TENSOR, f"missing tensors {sorted(missing)}")
+        features = tensors.get("features")
+        if "feature_scales" in tensors or (features is not None and features.dtype == np.int8):
+            tensors["features"] = _features_from_wire(
+                tensors.pop("features", None), tensors.pop("feature_scales", None)
+            )
         return KnowledgePacket(header=header, **tensors)
     except PacketError:
         raise
@@ -482,6 +549,34 @@ def decode(
         raise _fail(RejectReason.TOO_LARGE, "packet does not fit in memory") from None
     except Exception as exc:  # a packet must never crash the reader, whatever its bytes
         raise _fail(RejectReason.CORRUPT_CONTAINER, f"{type(exc).__name__}: {exc}") from None
+
+
+_LARGEST_FLOAT16_BITS = int(np.finfo(np.float16).max.view(np.uint16))
+
+
+def _features_from_wire(values: np.ndarray | None, scales: np.ndarray | None) -> np.ndarray:
+    """Float32 features from int8 blocks and their scales, after checking both. The values they give
+    are checked with the rest of the packet (shape against the header, the bound)."""
+    if values is None or scales is None:
+        missing = "features" if values is None else "feature_scales"
+        raise _fail(RejectReason.MISSING_TENSOR, f"int8 features need both tensors; {missing} is missing")
+    if values.dtype != np.int8 or scales.dtype != np.float16:
+        raise _fail(
+            RejectReason.BAD_DTYPE,
+            f"features/feature_scales have dtypes {values.dtype}/{scales.dtype}, expected int8/float16",
+        )
+    blocks = -(-values.shape[-1] // FEATURE_BLOCK) if values.ndim else 0
+    if values.ndim != 4 or scales.shape != (*values.shape[:-1], blocks):
+        raise _fail(
+            RejectReason.BAD_SHAPE,
+            f"feature_scales must be {[*values.shape[:-1], blocks]} for features {list(values.shape)}, "
+            f"got {list(scales.shape)}",
+        )
+    # As unsigned bit patterns, non-negative float16 order like their values; a sign bit, inf and NaN
+    # all lie above the largest finite one.
+    if int(scales.view(np.uint16).max(initial=0)) > _LARGEST_FLOAT16_BITS:
+        raise _fail(RejectReason.BAD_FEATURES, "feature scales must be finite and >= 0")
+    return dequantize_features(values, scales)
 
 
 def apply_top_p(
@@ -525,7 +620,10 @@ class PacketBuilder:
     def _raw_bytes(self, sequence: SequenceKnowledge) -> int:
         """Uncompressed bytes of one sequence in the packet's wire dtypes."""
         tokens = len(sequence.token_ids)
-        features = 0 if sequence.features is None else 2 * sequence.features.size
+        features = 0
+        if sequence.features is not None:  # int8 values and a float16 scale per block of the width
+            size, width = sequence.features.size, sequence.features.shape[-1]
+            features = size + 2 * (size // width) * -(-width // FEATURE_BLOCK)
         return tokens * (self._id_bytes + 8 + self.header.top_k * (self._id_bytes + 2)) + features + 12
 
     def add(self, sequence: SequenceKnowledge) -> list[bytes]:
