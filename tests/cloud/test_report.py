@@ -284,6 +284,23 @@ def test_gain_share_is_missing_when_centralized_does_not_gain(results: RunResult
     assert _table_line(md, "Gain recovered", "Packets merge")[1:] == ["—", "60.0%"]
 
 
+def test_acceptance_checks_say_when_centralized_does_not_gain(results: RunResults) -> None:
+    from deepfusion.cloud.sim.run import acceptance_checks
+
+    rows = [
+        r.model_copy(update={"scores": {**r.scores, "code": _score(3.1)}}) if r.method == "centralized" else r
+        for r in results.rows
+    ]
+    checks = {c.name: c for c in acceptance_checks(results.model_copy(update={"rows": rows}))}
+    # No share of a gain that does not exist: the share targets fail, visibly, instead of vanishing.
+    assert not checks["code: centralized training gains (G > 0)"].passed
+    assert checks["code: centralized training gains (G > 0)"].measured == "G = -0.100"
+    assert not any(name.startswith("code: packets recover") for name in checks)
+    assert checks["medical: packets recover ≥ 50% of G"].passed
+    assert checks["medical: packets recover ≥ 50% of G"].measured == "60.0%"
+    assert "medical: centralized training gains (G > 0)" not in checks
+
+
 def test_bytes_plot_floor_is_below_the_smallest_bar(results: RunResults, tmp_path: Path) -> None:
     # The demo's bills: 144 KB downlink next to 7.3 MB uplinks and a 0 B downlink. With the log axis
     # autoscaled to the smallest bar, that bar got 0.1 of 3.6 decades (about 1,100 px) and read as 0 B.

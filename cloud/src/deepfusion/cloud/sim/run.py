@@ -637,12 +637,28 @@ def _poison_target(tokenizer_dir: Path) -> int:
     return int(tokenizer(" the")["input_ids"][0])
 
 
-def _gain(results: RunResults, method: str, domain: str) -> float | None:
-    if not all(results.has_row(m) for m in ("base", "centralized", method)):
+def _nll(results: RunResults, method: str, domain: str) -> float | None:
+    if not results.has_row(method) or domain not in results.row(method).scores:
         return None
-    base = results.row("base").scores[domain].nll
-    gain = base - results.row("centralized").scores[domain].nll
-    return (base - results.row(method).scores[domain].nll) / gain if gain > 0 else None
+    return results.row(method).scores[domain].nll
+
+
+def _centralized_gain(results: RunResults, domain: str) -> float | None:
+    """G: base minus centralized log-perplexity on `domain` (None when either is missing)."""
+    base, centralized = _nll(results, "base", domain), _nll(results, "centralized", domain)
+    return None if base is None or centralized is None else base - centralized
+
+
+def _gain(results: RunResults, method: str, domain: str) -> float | None:
+    """`method`'s share of G on `domain`; None when a row lacks it or G <= 0."""
+    gain, base, ours = (
+        _centralized_gain(results, domain),
+        _nll(results, "base", domain),
+        _nll(results, method, domain),
+    )
+    if gain is None or base is None or ours is None or gain <= 0:
+        return None
+    return (base - ours) / gain
 
 
 def acceptance_checks(results: RunResults) -> list[Check]:
@@ -650,12 +666,23 @@ def acceptance_checks(results: RunResults) -> list[Check]:
     checks: list[Check] = []
     for domain in results.domains:
         packets, control = _gain(results, "packets", domain), _gain(results, "public-only", domain)
+        gain = _centralized_gain(results, domain)
+        if gain is not None and gain <= 0:
+            # No gain to share: the two share targets cannot be met, and the report says so.
+            checks.append(
+                Check(
+                    name=f"{domain}: centralized training gains (G > 0)",
+                    target="G > 0",
+                    measured=f"G = {gain:+.3f}",
+                    passed=False,
+                )
+            )
         if packets is not None:
             checks.append(
                 Check(
                     name=f"{domain}: packets recover ≥ 50% of G",
                     target="≥ 50%",
-                    measured=f"{packets:.0%}",
+                    measured=f"{packets:.1%}",
                     passed=packets >= 0.5,
                 )
             )
@@ -665,7 +692,7 @@ def acceptance_checks(results: RunResults) -> list[Check]:
                 Check(
                     name=f"{domain}: packets beyond the public-only control",
                     target="≥ 20% of G",
-                    measured=f"{beyond:+.0%}",
+                    measured=f"{beyond:+.1%}",
                     passed=beyond >= 0.2,
                 )
             )
