@@ -40,6 +40,7 @@ from deepfusion.shared.messages import (
 from deepfusion.shared.mqtt import Message, MqttClient
 from deepfusion.shared.packets import decode
 from deepfusion.shared.store import open_store
+from deepfusion.shared.store.local import LocalStore
 from deepfusion.shared.topics import (
     TopicKind,
     ack_topic,
@@ -266,6 +267,21 @@ def test_shard_texts_with_unicode_line_breaks_round_trip(tmp_path: Path) -> None
     assert [s.sequences for s in list_shards(store, FED)] == [len(texts)]
     store.put(f"{FED}/shards/broken.jsonl.zst", b"not zstd")  # left out, the readable shard stays
     assert [s.shard for s in list_shards(store, FED)] == [SHARD]
+
+
+def test_a_shard_deleted_while_the_shards_are_listed_is_left_out(tmp_path: Path) -> None:
+    class DeletingStore(LocalStore):
+        """Deletes the first listed shard right after listing, as a concurrent `delete` can."""
+
+        def list(self, prefix: str = "") -> Iterator[str]:
+            keys = list(super().list(prefix))
+            self.delete(keys[0])
+            return iter(keys)
+
+    store = DeletingStore(tmp_path / "store")
+    publish_shard(store, FED, "a-first", ["one text"])
+    publish_shard(store, FED, "b-second", ["another text"])
+    assert [s.shard for s in list_shards(store, FED)] == ["b-second"]
 
 
 @pytest.mark.s3

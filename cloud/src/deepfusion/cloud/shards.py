@@ -18,7 +18,7 @@ from pathlib import Path
 import zstandard
 
 from deepfusion.shared.messages import ShardRef
-from deepfusion.shared.store import ObjectStore
+from deepfusion.shared.store import ObjectNotFound, ObjectStore
 from deepfusion.shared.topics import validate_id
 
 __all__ = [
@@ -101,7 +101,10 @@ def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = 
         name = key[len(prefix) :]
         if "/" in name or not name.endswith(SUFFIX):
             continue
-        body = store.get(key)
+        try:
+            body = store.get(key)
+        except ObjectNotFound:  # deleted since it was listed: it is no longer part of any round
+            continue
         try:
             sequences = len(_decode_shard(body))
         except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
