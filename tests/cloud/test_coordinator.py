@@ -171,6 +171,30 @@ def test_deadline_closes_with_or_without_quorum(broker, tmp_path, quorum, outcom
         client.close()
 
 
+def test_a_malformed_retained_round_spec_is_replaced_by_the_coordinators(broker, mqtt_client, tmp_path):
+    """Devices cannot read a garbled retained RoundSpec: the coordinator must not take it for its own."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, FED, (f"text {i}" for i in range(10)), name="pub", per_shard=10)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    config = config_from([*overrides, "coordinator.min_devices=1"])
+    device = SimDevice(broker.config(), "a-0")
+    coordinator = Coordinator(config, store)
+    client = coordinator.connect()
+    try:
+        device.publish_card()
+        coordinator.view.wait_for(lambda v: len(v.cards()) == 1, timeout=10)
+        assert coordinator.step() == "round 0: opened"
+        assert coordinator.view.wait_for(lambda v: v.round is not None, timeout=10)
+        other = mqtt_client(broker.config(), "garbler")
+        other.publish_and_wait(round_topic(FED), b'{"round": "garbled', retain=True)
+        assert coordinator.view.wait_for(lambda v: v.round is None, timeout=10)
+        coordinator.step()
+        assert coordinator.view.wait_for(lambda v: v.round is not None and v.round.round == 0, timeout=10)
+    finally:
+        device.close()
+        client.close()
+
+
 def test_a_coordinator_killed_between_the_index_and_the_state_refreshes_the_state(broker, tmp_path):
     """The index (coverage.json) is saved before state.json: after a restart there is no new packet to
     index, and the state must still catch up with what the index counts."""

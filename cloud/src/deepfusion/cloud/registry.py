@@ -171,12 +171,16 @@ class FederationView:
                 self._cond.notify_all()
 
     def _apply(self, kind: TopicKind, device: str | None, payload: bytes) -> None:
-        if kind == TopicKind.ROUND:
-            spec = _decode_or_none(RoundSpec, payload)
-            self._update(lambda: setattr(self, "_round", spec))
-        elif kind == TopicKind.RELEASE:
-            note = _decode_or_none(ReleaseNote, payload)
-            self._update(lambda: setattr(self, "_release", note))
+        if kind in (TopicKind.ROUND, TopicKind.RELEASE):
+            attribute, model = ("_round", RoundSpec) if kind == TopicKind.ROUND else ("_release", ReleaseNote)
+            try:
+                value = _decode_or_none(model, payload)
+            except MessageError:
+                # The broker now retains nothing valid there: the view says so (devices cannot read
+                # it either), and the coordinator publishes its own again.
+                self._update(lambda: setattr(self, attribute, None))
+                raise
+            self._update(lambda: setattr(self, attribute, value))
         elif kind in (TopicKind.CARD, TopicKind.STATUS) and device is not None:
             message: DeviceCard | DeviceStatus | None = (
                 _decode_or_none(DeviceCard, payload)
