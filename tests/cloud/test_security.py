@@ -243,6 +243,35 @@ def test_names_are_checked(tmp_path):
         add_device(tmp_path / "missing", "pi-a")
 
 
+def test_longest_ids_and_host_names_make_working_certificates(tmp_path, mqtt_client):
+    # A federation id and a device name may be 64 characters, a DNS name longer: none fits in a
+    # "DeepFusion federation ... CA" common name, which X.509 caps at 64 characters.
+    federation, device, host = "f" * 64, "d" * 64, "b" * 60 + ".broker.example.org"
+    init_security(tmp_path / "sec", federation, hosts=[host, "127.0.0.1"])
+    add_device(tmp_path / "sec", device)
+    listener = broker_listener_config(tmp_path / "sec")
+    with EmbeddedBroker(workdir=tmp_path / "broker", listener_config=listener) as broker:
+        config = device_mqtt_config(tmp_path / "sec", device, host="127.0.0.1", port=broker.port)
+        mqtt_client(config, device).publish_and_wait(card_topic(federation, device), b"card")
+
+
+def test_bad_hosts_are_refused_before_anything_is_written_or_deleted(tmp_path):
+    folder = tmp_path / "sec"
+    for hosts in (["bröker.lan"], ["broker lan"]):
+        with pytest.raises(SecurityError, match="neither an IP address nor a DNS name"):
+            init_security(folder, FED, hosts=hosts)
+    assert not folder.exists() or not any(folder.rglob("*.key"))
+    init_security(folder, FED)  # nothing was left behind to refuse
+    add_device(folder, "pi-a")
+    ca = (folder / "ca" / "ca.crt").read_bytes()
+    forced = runner.invoke(
+        app, ["pki", "init", "--dir", str(folder), "--federation", FED, "--host", "bröker", "--force"]
+    )
+    assert forced.exit_code == 2 and "neither an IP address" in forced.output, forced.output
+    assert (folder / "ca" / "ca.crt").read_bytes() == ca
+    assert (folder / "devices" / "pi-a" / "pi-a.key").exists()
+
+
 def test_service_credentials_are_a_cloud_config(tmp_path):
     init_security(tmp_path, FED, hosts=["broker.example.org"], port=8884)
     config = load_cloud_config(tmp_path / "services" / "coordinator.toml")

@@ -84,24 +84,29 @@ def init_security(
         validate_id(federation, "federation id")
     except InvalidTopic as exc:
         raise SecurityError(str(exc)) from None
-    if paths.ca_key.exists() or paths.registry.exists():
-        if not force:
-            raise SecurityError(
-                f"{paths.root} already holds a federation CA; use --force to replace it (every device "
-                "and service credential issued by the old CA stops working)"
-            )
-        for old in (paths.root / "services", paths.root / "devices"):
-            shutil.rmtree(old, ignore_errors=True)
+    existing = paths.ca_key.exists() or paths.registry.exists()
+    if existing and not force:
+        raise SecurityError(
+            f"{paths.root} already holds a federation CA; use --force to replace it (every device "
+            "and service credential issued by the old CA stops working)"
+        )
     try:
         settings = BrokerSettings(hosts=list(hosts), port=port, client_certs=client_certs)
     except ValidationError as exc:
         raise SecurityError(f"invalid broker settings: {exc}") from None
 
+    # Both certificates are made before anything is deleted or written: bad input changes nothing.
     ca = create_ca(federation)
+    try:
+        server = issue_server_certificate(ca, settings.hosts)
+    except ValueError as exc:
+        raise SecurityError(str(exc)) from None
+    if existing:
+        for old in (paths.root / "services", paths.root / "devices"):
+            shutil.rmtree(old, ignore_errors=True)
     write_certificate(ca.certificate, paths.ca_cert)
     write_private_key(ca.key, paths.ca_key)
     write_certificate(ca.certificate, paths.broker_ca)
-    server = issue_server_certificate(ca, settings.hosts)
     write_certificate(server.certificate, paths.server_cert)
     write_private_key(server.key, paths.server_key)
     write_crl(build_crl(ca, []), paths.crl)

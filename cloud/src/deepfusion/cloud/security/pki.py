@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ CA_VALIDITY = dt.timedelta(days=10 * 365)
 LEAF_VALIDITY = dt.timedelta(days=3 * 365)
 # Clocks of small devices drift; a certificate valid "from now" would be refused by one running behind.
 _BACKDATE = dt.timedelta(minutes=5)
+_MAX_CN = 64  # X.509's upper bound on a common name
+_DNS_NAME = re.compile(r"(\*\.)?[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # labels; a leading "*." wildcard
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,14 @@ def _now() -> dt.datetime:
 def create_ca(federation: str) -> CertifiedKey:
     """A self-signed CA that may sign leaf certificates only (path length 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = _name(f"DeepFusion federation {federation} CA")
+    # A common name holds at most 64 characters, and so does a federation id: the id alone is the CN,
+    # the organization says what it is (and keeps the CA's name apart from any leaf's).
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "DeepFusion federation CA"),
+            x509.NameAttribute(NameOID.COMMON_NAME, federation),
+        ]
+    )
     now = _now()
     certificate = (
         x509.CertificateBuilder()
@@ -130,8 +140,15 @@ def issue_server_certificate(ca: CertifiedKey, hosts: Sequence[str]) -> Certifie
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
+            if not _DNS_NAME.fullmatch(host):
+                raise ValueError(
+                    f"broker host {host!r} is neither an IP address nor a DNS name (ASCII letters, digits, "
+                    "'-', '.'; internationalized names in their xn-- form)"
+                ) from None
             names.append(x509.DNSName(host))
-    return _issue(ca, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(names))
+    # Clients check the SAN; the CN is informative and holds at most 64 characters.
+    common_name = hosts[0] if len(hosts[0]) <= _MAX_CN else "DeepFusion broker"
+    return _issue(ca, common_name, ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(names))
 
 
 def issue_client_certificate(ca: CertifiedKey, account: str) -> CertifiedKey:
