@@ -51,11 +51,7 @@ class DeviceBuild:
 
 
 def _build(job: DeviceJob) -> DeviceBuild:
-    import time
-
     import torch
-
-    from deepfusion.edge.finetune import FinetuneSettings, finetune
 
     torch.set_num_threads(1)
     directory = Path(job.directory)
@@ -64,6 +60,20 @@ def _build(job: DeviceJob) -> DeviceBuild:
     log = os.open(directory / "build.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    try:
+        return _build_in(job, directory)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()  # into build.log, which the error raised in the parent names
+        raise
+
+
+def _build_in(job: DeviceJob, directory: Path) -> DeviceBuild:
+    import time
+
+    from deepfusion.edge.finetune import FinetuneSettings, finetune
+
     record = directory / "build.json"
     if record.is_file():
         done = json.loads(record.read_text())
@@ -128,8 +138,16 @@ def build_devices(
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context) as pool:
         futures = [pool.submit(_build, job) for job in jobs]
         builds = []
-        for future in futures:
-            builds.append(future.result())
+        for job, future in zip(jobs, futures, strict=True):
+            try:
+                builds.append(future.result())
+            except Exception as exc:
+                # The devices not started yet would all be built before the error showed: cancel them.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise RuntimeError(
+                    f"device {job.device}: build failed ({type(exc).__name__}: {exc}); "
+                    f"its output is in {Path(job.directory) / 'build.log'}"
+                ) from exc
             if on_done is not None:
                 on_done(builds[-1])
     return builds

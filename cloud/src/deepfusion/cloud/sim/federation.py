@@ -190,8 +190,8 @@ class FederationRunner:
             # Killed from the MQTT thread the moment it starts scoring: mid-round, packets unsent.
             if status.device == plan.drop and status.state == "scoring" and not dropped:
                 host = next(n for n, group in self.hosts.items() if plan.drop in group)
+                dropped.append(plan.drop)  # first: the main loop checks the host until it is dropped
                 self.processes[host].send_signal(signal.SIGKILL)
-                dropped.append(plan.drop)
 
         watcher = _Watcher(drop if plan.drop else None)
         client = MqttClient(plan.mqtt, f"simulator-{plan.federation}")
@@ -218,7 +218,11 @@ class FederationRunner:
                 if time.perf_counter() - started > plan.timeout_s:
                     raise TimeoutError(f"the federation did not finish within {plan.timeout_s:.0f} s")
                 self._check_alive("ingest")
-                self._check_alive(*(h for h, group in self.hosts.items() if plan.drop not in group))
+                # The drop device's host is checked too until it is killed on purpose: one that failed
+                # to start would keep the round from opening until the timeout.
+                self._check_alive(
+                    *(h for h, group in self.hosts.items() if not (dropped and plan.drop in group))
+                )
                 self._check_agents()
                 coordinator = self.processes["coordinator"]
                 if coordinator.poll() is not None:
