@@ -56,6 +56,19 @@ def test_a_one_domain_template_is_refused(tmp_path: Path) -> None:
         load_profile(str(path))
 
 
+def test_a_fleet_too_small_for_every_domain_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "grouped.toml"
+    path.write_text(
+        'name = "grouped"\n[[devices]]\ndomain = "medical"\npreset = "tiny-llama"\n'
+        '[[devices]]\ndomain = "medical"\npreset = "tiny-gpt2"\n'
+        '[[devices]]\ndomain = "finance"\npreset = "tiny-gpt2"\n'
+    )
+    profile = load_profile(str(path))
+    assert {t.domain for _, t, _ in profile.fleet(3)} == {"medical", "finance"}
+    with pytest.raises(ValueError, match="finance"):
+        profile.fleet(2)  # two medical devices: no finance row could be measured
+
+
 def test_unknown_profile_and_unknown_key_are_clear_errors() -> None:
     with pytest.raises(FileNotFoundError, match="configs/"):
         load_profile("nonesuch")

@@ -160,13 +160,14 @@ def build_crl(ca: CertifiedKey, revoked: Iterable[str]) -> x509.CertificateRevoc
     """A CRL listing the `revoked` serials (hex), signed by the CA.
 
     Its nextUpdate is the CA's expiry: a CRL past its nextUpdate makes OpenSSL refuse every client
-    certificate, which would lock the whole fleet out on the day it lapses.
+    certificate, which would lock the whole fleet out on the day it lapses. Its lastUpdate is backdated
+    like the certificates: a CRL "not yet valid" on a broker whose clock runs behind does the same.
     """
     now = _now()
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.certificate.subject)
-        .last_update(now)
+        .last_update(now - _BACKDATE)
         .next_update(ca.certificate.not_valid_after_utc)
     )
     for serial in sorted(set(revoked)):

@@ -121,6 +121,12 @@ class SimProfile(Section):
             share = seen.get(template.domain, 0)
             seen[template.domain] = share + 1
             fleet.append((f"{template.domain[:3]}-{share:02d}", template, share))
+        missing = {d.domain for d in self.devices} - set(seen)
+        if missing:  # the comparison needs devices of every domain
+            raise ValueError(
+                f"{count} devices cycled from the profile's template leave out the {sorted(missing)} "
+                "domain(s): ask for more devices, or order the template so that domains alternate"
+            )
         return fleet
 
 
