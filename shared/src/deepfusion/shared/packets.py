@@ -301,7 +301,8 @@ def quantize_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def dequantize_features(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """The float32 features of int8 `values` [..., W] and their block `scales` [..., ceil(W / 32)].
 
-    Float32, not float16: numpy casts float32 to float16 element by element, which tripled a decode.
+    Float32, not float16: numpy casts float32 to float16 element by element, which made decoding a
+    SmolLM2-sized packet a third slower (0.38 against 0.28 ms).
     """
     blocks = _blocks(values).astype(np.float32) * scales.astype(np.float32)[..., None]
     return _unblock(blocks, values.shape[-1])
