@@ -275,6 +275,22 @@ def test_bad_hosts_are_refused_before_anything_is_written_or_deleted(tmp_path):
     assert (folder / "devices" / "pi-a" / "pi-a.key").exists()
 
 
+def test_a_damaged_or_foreign_ca_key_is_a_message_and_issues_nothing(tmp_path):
+    folder, other = tmp_path / "sec", tmp_path / "other"
+    init_security(folder, FED)
+    init_security(other, FED)
+    key = folder / "ca" / "ca.key"
+    for content, message in (
+        (b"garbage", "cannot read the federation CA"),
+        ((other / "ca" / "ca.key").read_bytes(), "does not belong to the CA certificate"),
+    ):
+        key.write_bytes(content)
+        result = runner.invoke(app, ["device", "add", "--dir", str(folder), "pi-a"])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert not (folder / "devices" / "pi-a").exists()
+
+
 def test_service_credentials_are_a_cloud_config(tmp_path):
     init_security(tmp_path, FED, hosts=["broker.example.org"], port=8884)
     config = load_cloud_config(tmp_path / "services" / "coordinator.toml")

@@ -232,7 +232,19 @@ def _load_ca(paths: SecurityFolder) -> CertifiedKey:
         raise SecurityError(
             f"the CA key {paths.ca_key} is missing; put it back (it is needed to sign and revoke)"
         )
-    return load_certified_key(paths.ca_cert, paths.ca_key)
+    try:
+        ca = load_certified_key(paths.ca_cert, paths.ca_key)
+    except (OSError, ValueError) as exc:
+        raise SecurityError(
+            f"cannot read the federation CA ({paths.ca_cert}, {paths.ca_key}): {exc}; restore both from "
+            "your backup"
+        ) from None
+    # A key of another CA would sign certificates that no broker or device of this federation trusts.
+    if ca.key.public_key() != ca.certificate.public_key():
+        raise SecurityError(
+            f"the CA key {paths.ca_key} does not belong to the CA certificate {paths.ca_cert}"
+        )
+    return ca
 
 
 def _mqtt_toml(config: MqttConfig, federation: str | None = None) -> str:
