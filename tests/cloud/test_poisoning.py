@@ -29,7 +29,7 @@ from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
 from deepfusion.edge.backends import SequenceScore  # noqa: E402
 from deepfusion.shared.packets import SequenceKnowledge  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
-from tests.cloud.tiny import FED, ROUND, random_device_model, score_into_round, tiny_student  # noqa: E402
+from tests.cloud.tiny import FED, ROUND, put_sequences, random_device_model, score_into_round, tiny_student  # noqa: E402
 
 DEVICES = {"dev-0": "tiny-llama", "dev-1": "tiny-gpt2", "dev-2": "tiny-llama", "dev-3": "tiny-gpt2"}
 HOSTILE = "dev-3"
@@ -182,9 +182,6 @@ def test_a_device_claiming_an_impossible_nll_is_quarantined(rounds: dict[str, st
 
 def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path: Path) -> None:
     """Devices running one unmodified model agree exactly (divergence 0): the others' median is 0."""
-    import hashlib
-
-    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, encode
 
     vocab, n = 50, 6
 
@@ -204,19 +201,7 @@ def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path:
 
     store = open_store(str(tmp_path / "store"))
     for device, seed in (("a", 0), ("b", 0), ("c", 1)):
-        header = PacketHeader(
-            federation=FED,
-            round=ROUND,
-            device=device,
-            shard="s",
-            tokenizer="0" * 64,
-            vocab_size=vocab,
-            top_k=4,
-            stages=0,
-            patches=1,
-        )
-        data = encode(KnowledgePacket.from_sequences(header, sequences(seed)))
-        store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+        put_sequences(store, device, sequences(seed), vocab)
     clusters = ClusterReport(
         k=1,
         assignment=dict.fromkeys("abc", 0),

@@ -38,7 +38,7 @@ from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # 
 from deepfusion.shared.corpora import FileEntry, SplitManifest, read_jsonl  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
 from deepfusion.shared.store import open_store  # noqa: E402
-from tests.cloud.tiny import DEVICES, FED, ROUND, tiny_student  # noqa: E402
+from tests.cloud.tiny import DEVICES, FED, ROUND, put_sequences, tiny_student  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,9 +79,8 @@ def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str
 
 def test_a_sequence_sent_twice_by_one_device_is_one_loss_term(tmp_path: Path) -> None:
     """Device a scores sequence 0 in two packets: it must not get twice b's weight on it."""
-    import hashlib
 
-    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
+    from deepfusion.shared.packets import SequenceKnowledge
 
     vocab, n = 50, 6
     rng = np.random.default_rng(0)
@@ -92,19 +91,7 @@ def test_a_sequence_sent_twice_by_one_device_is_one_loss_term(tmp_path: Path) ->
 
     store = open_store(str(tmp_path / "store"))
     for device, ids in (("a", [0, 1]), ("b", [0, 1]), ("a", [0])):
-        header = PacketHeader(
-            federation=FED,
-            round=ROUND,
-            device=device,
-            shard="s",
-            tokenizer="0" * 64,
-            vocab_size=vocab,
-            top_k=4,
-            stages=0,
-            patches=1,
-        )
-        data = encode(KnowledgePacket.from_sequences(header, [knowledge(i) for i in ids]))
-        store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+        put_sequences(store, device, [knowledge(i) for i in ids], vocab)
     clusters = ClusterReport(
         k=1,
         assignment={"a": 0, "b": 0},
@@ -411,25 +398,13 @@ def test_a_killed_training_resumes_to_the_same_release(
 def test_a_rerun_from_another_base_does_not_resume_the_old_checkpoints(tmp_path: Path) -> None:
     """Killed after a checkpoint, then run again with a different base of the same shape: phase II
     starts over from the new base instead of silently continuing the old base's student."""
-    import hashlib
 
     from deepfusion.shared.messages import Metrics
-    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
+    from deepfusion.shared.packets import SequenceKnowledge
 
     vocab, n = 64, 8
     rng = np.random.default_rng(0)
     store = open_store(str(tmp_path / "store"))
-    header = PacketHeader(
-        federation=FED,
-        round=ROUND,
-        device="a",
-        shard="s",
-        tokenizer="0" * 64,
-        vocab_size=vocab,
-        top_k=4,
-        stages=0,
-        patches=1,
-    )
     sequences = [
         SequenceKnowledge(
             i,
@@ -441,8 +416,7 @@ def test_a_rerun_from_another_base_does_not_resume_the_old_checkpoints(tmp_path:
         )
         for i in range(8)
     ]
-    data = encode(KnowledgePacket.from_sequences(header, sequences))
-    store.put(f"{FED}/rounds/{ROUND}/knowledge/a/{hashlib.sha256(data).hexdigest()}.dfk", data)
+    put_sequences(store, "a", sequences, vocab)
     clusters = ClusterReport(
         k=1, assignment={"a": 0}, members={0: ["a"]}, sizes={0: 1}, silhouette=None, centroids=[[1.0]]
     )

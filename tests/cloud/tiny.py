@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
 from deepfusion.cloud.zoo.presets import get_preset
+from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
 from deepfusion.shared.store import ObjectStore
 
 FED, ROUND, SHARD = "fed", 0, "pub-0000"
@@ -44,3 +45,13 @@ def score_into_round(
     for packet in sorted(work.glob("*.dfk")):
         data = packet.read_bytes()
         store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+
+
+def put_sequences(store: ObjectStore, device: str, sequences: list[SequenceKnowledge], vocab: int) -> None:
+    """One packet of `sequences` (top-4, no features) from `device`, stored in the round by content."""
+    header = PacketHeader(
+        federation=FED, round=ROUND, device=device, shard="s", tokenizer="0" * 64, vocab_size=vocab,
+        top_k=4, stages=0, patches=1,
+    )  # fmt: skip
+    data = encode(KnowledgePacket.from_sequences(header, sequences))
+    store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)

@@ -20,10 +20,11 @@ Tensors, for S sequences of T tokens in all (sequence s holds `seq_lengths[s]` c
 
 Features travel as int8 in blocks of 32 with a float16 absmax scale each (llama.cpp's q8_0 layout):
 half the bytes of float16, and they grow with the model's width, so at SmolLM2's 576 they would be
-two thirds of a packet. The error is 1e-4 of a feature vector's energy (float16: 1e-7), small
-against what the feature loss fits; one outlier dimension costs precision only within its block. A
-packet whose features are float16 without scales is read too. In memory, `KnowledgePacket.features`
-holds float32 values (float16 as read from such a packet); the encoder takes either.
+two thirds of a packet. The error is 1e-4 of a feature vector's energy (float16's rounding: 8e-8, by
+its 11-bit mantissa), small against what the feature loss fits; one outlier dimension costs precision
+only within its block. A packet whose features are float16 without scales is read too. In memory,
+`KnowledgePacket.features` holds float32 values (float16 as read from such a packet); the encoder
+takes either.
 
 Row t of the top-k arrays is the distribution of the token that follows token t. Everything public
 is `encode`, `decode`, the dataclasses and `PacketBuilder`; `decode` raises nothing but
