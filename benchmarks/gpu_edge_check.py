@@ -7,13 +7,13 @@ or a Llama/Qwen2 checkpoint of your own); nothing is downloaded. Three parts, on
 
 1. `finetune`: LoRA (r 8) with the edge's own `finetune` (bf16 autocast where the device has it):
    validation loss before and after, tokens/s, peak device memory.
-2. `qlora`: the same on a 4-bit NF4 base, when bitsandbytes and CUDA are present; else the refusal
+2. `qlora`: the same on a 4-bit NF4 base (bitsandbytes, the `qlora` extra); without it, the refusal
    the user would see.
 3. `scoring`: the torch backend on `--device` against the same backend on the CPU, on windows of the
    data: top-1 agreement, largest log-prob gap, NLL gap; and on the device, plain forward vs scoring
    tokens/s (the edge benchmark's ratio).
 
-Runs on the CPU too (`--device cpu`: part 2 then shows the refusal), which is how it is checked here.
+Runs on the CPU too (`--device cpu`), which is how it is checked here.
 """
 
 from __future__ import annotations

@@ -118,24 +118,42 @@ def test_missing_runtime_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert "deepfusion-edge[gguf]" in caught.value.fix
 
 
-def test_qlora_without_cuda(random_models: dict[str, Path], tmp_path: Path) -> None:
+def test_qlora_without_bitsandbytes_names_the_extra(
+    random_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    data = tmp_path / "d.txt"
+    data.write_text("some private text " * 200)
+    args = ["finetune", str(random_models["tiny-llama"]), "-d", str(data), "-o", str(tmp_path / "r")]
+    result = runner.invoke(app, [*args, "--qlora"])
+    assert result.exit_code == 2, result.output
+    assert "missing_extra" in result.output and "deepfusion-edge[qlora]" in result.output
+
+
+def test_qlora_on_cpu_needs_a_bitsandbytes_with_a_cpu_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes
+
+    from deepfusion.edge.finetune import _require_bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.45.5")
+    _require_bitsandbytes("cuda")  # older versions run 4-bit layers on CUDA
+    with pytest.raises(ModelError) as caught:
+        _require_bitsandbytes("cpu")
+    assert caught.value.code is ErrorCode.MISSING_EXTRA and "CUDA only" in caught.value.message
+
+
+def test_cuda_requested_without_cuda(random_models: dict[str, Path], tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     data = tmp_path / "d.txt"
-    data.write_text("text\n")
-    args = [
-        "finetune",
-        str(random_models["tiny-llama"]),
-        "-d",
-        str(data),
-        "-o",
-        str(tmp_path / "r"),
-        "--qlora",
-    ]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2 and "no_cuda" in result.output and "without --qlora" in result.output
+    data.write_text("some private text " * 200)
+    args = ["finetune", str(random_models["tiny-llama"]), "-d", str(data), "-o", str(tmp_path / "r")]
+    result = runner.invoke(app, [*args, "--device", "cuda"])
+    assert result.exit_code == 2 and "no_cuda" in result.output and "--device cpu" in result.output
 
 
 def test_help_works_without_runtimes() -> None:

@@ -7,7 +7,8 @@ joined with the end-of-text token and cut into blocks of `max_tokens`; a seeded 
 blocks (at least one) is held out for the validation loss. Training: AdamW on the LoRA weights only
 (every linear layer but the LM head), linear warm-up then constant, gradient accumulation, gradient
 clipping at 1.0; bf16 autocast where the hardware supports it (CUDA with bf16); optionally a 4-bit NF4
-base (QLoRA) when bitsandbytes and a CUDA device are present.
+base (QLoRA, the `qlora` extra: bitsandbytes), on CUDA or on the CPU (bitsandbytes >= 0.46 runs 4-bit
+layers on the CPU too, which is how the tests check this path); the LoRA weights stay float32.
 
 The output directory holds `checkpoints/step-N/` (adapter, optimizer and RNG state; `--resume` picks
 the newest; a run without it first deletes those of an earlier run), `adapter/` (the final LoRA
@@ -36,6 +37,8 @@ from deepfusion.edge.scoring import read_texts
 __all__ = ["FinetuneResult", "FinetuneSettings", "evaluate_loss", "finetune", "merge_adapter"]
 
 log = logging.getLogger(__name__)
+
+_BNB_CPU = (0, 46)  # the first bitsandbytes with a CPU backend for 4-bit layers
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class FinetuneResult:
     precision: str
     adapter: str
     merged: str | None
+    base_bytes: int  # the base model's weights in memory: 4-bit NF4 with `qlora`, float32 otherwise
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -97,14 +101,10 @@ def _blocks(tokenizer: Any, data: Path, max_tokens: int) -> np.ndarray:
 
 
 def _device(settings: FinetuneSettings, torch: Any) -> str:
-    if settings.device == "cuda" or settings.qlora:
+    if settings.device == "cuda":
         if not torch.cuda.is_available():
             raise ModelError(
-                ErrorCode.NO_CUDA,
-                "QLoRA (4-bit NF4 base) needs a CUDA device"
-                if settings.qlora
-                else "no CUDA device is available",
-                "train without --qlora (LoRA on a float32 base works on CPU), or run on a CUDA machine",
+                ErrorCode.NO_CUDA, "no CUDA device is available", "train with --device cpu or auto"
             )
         return "cuda"
     if settings.device == "auto" and torch.cuda.is_available():
@@ -120,30 +120,60 @@ def _precision(settings: FinetuneSettings, device: str, torch: Any) -> str:
     return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def _load_base(settings: FinetuneSettings, device: str, torch: Any) -> Any:
+def _load_base(settings: FinetuneSettings, device: str, precision: str, torch: Any) -> Any:
     transformers = require("transformers")
-    if settings.qlora:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ModelError(
-                ErrorCode.MISSING_EXTRA,
-                "QLoRA needs bitsandbytes, which is not installed",
-                "pip install bitsandbytes (CUDA machines only), or train without --qlora",
-            ) from None
-        quantization = transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True,
+    if not settings.qlora:
+        model = transformers.AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
+        return model.to(device)
+    _require_bitsandbytes(device)
+    quantization = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        bnb_4bit_use_double_quant=True,
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        settings.model, quantization_config=quantization, device_map={"": 0 if device == "cuda" else "cpu"}
+    )
+    # On CPUs with bf16 units, bitsandbytes (0.50) repacks a 4-bit layer for a faster kernel the first
+    # time it runs in eval mode (the validation loss before training) and keeps that layout once training
+    # starts, where the kernel has no backward: the gradients through the base were silently wrong (the
+    # tests' run went from 6.10 to 6.26 validation loss instead of down). Training keeps the plain layout.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return _require_peft().prepare_model_for_kbit_training(
+        model, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+
+
+def _require_peft() -> Any:
+    """peft, which imports bitsandbytes when it is installed.
+
+    bitsandbytes' CPU backend then warns, on CPUs with bf16 units, that it could fetch a faster kernel
+    from the Hugging Face hub (the `kernels` package): devices are offline, and its fallback works.
+    """
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    return require("peft")
+
+
+def _require_bitsandbytes(device: str) -> None:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ModelError(
+            ErrorCode.MISSING_EXTRA,
+            "QLoRA needs bitsandbytes, which is not installed",
+            "pip install 'deepfusion-edge[qlora]', or train without --qlora",
+        ) from None
+    version = tuple(int(part) for part in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if device == "cpu" and version < _BNB_CPU:
+        raise ModelError(
+            ErrorCode.MISSING_EXTRA,
+            f"bitsandbytes {bitsandbytes.__version__} runs 4-bit layers on CUDA only",
+            "pip install 'deepfusion-edge[qlora]' (bitsandbytes >= 0.46 runs them on the CPU too), "
+            "or train on a CUDA device",
         )
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            settings.model, quantization_config=quantization, device_map={"": 0}
-        )
-        peft = require("peft")
-        return peft.prepare_model_for_kbit_training(model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(settings.model, dtype=torch.float32)
-    return model.to(device)
 
 
 def evaluate_loss(
@@ -212,7 +242,7 @@ def merge_adapter(base: Path, adapter: Path, output: Path) -> Path:
     """base (float32) + LoRA adapter -> a plain transformers checkpoint in `output`."""
     torch = require("torch")
     transformers = require("transformers")
-    peft = require("peft")
+    peft = _require_peft()
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(output)
@@ -223,7 +253,7 @@ def merge_adapter(base: Path, adapter: Path, output: Path) -> Path:
 def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneResult:
     torch = require("torch")
     transformers = require("transformers")
-    peft = require("peft")
+    peft = _require_peft()
     from tqdm.auto import tqdm
 
     if settings.threads:
@@ -240,7 +270,8 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
     n_val = max(1, round(len(blocks) * settings.val_fraction))
     val, train = blocks[order[:n_val]], blocks[order[n_val:]]
 
-    model = _load_base(settings, device, torch)
+    model = _load_base(settings, device, precision, torch)
+    base_bytes = int(model.get_memory_footprint())
     lora = peft.LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
@@ -326,6 +357,7 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
         precision=precision,
         adapter=str(adapter),
         merged=None if merged is None else str(merged),
+        base_bytes=base_bytes,
         history=history,
     )
     payload = asdict(result)

@@ -73,7 +73,9 @@ def finetune(
     save_every: int = typer.Option(50, min=0, help="Checkpoint every N steps (0: only at the end)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     bf16: str = typer.Option("auto", help="auto (CUDA with bf16), on or off."),
-    qlora: bool = typer.Option(False, help="4-bit NF4 base (needs bitsandbytes and CUDA)."),
+    qlora: bool = typer.Option(
+        False, help="4-bit NF4 base: QLoRA (the [qlora] extra; CUDA, or the CPU with bitsandbytes >= 0.46)."
+    ),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output."),
     merge: bool = typer.Option(False, help="Also write merged/: a plain transformers checkpoint."),
     seed: int = typer.Option(0),
@@ -98,7 +100,8 @@ def finetune(
     typer.echo(
         f"train loss {result.train_loss_first:.3f} -> {result.train_loss_last:.3f}; "
         f"validation loss {result.val_loss_before:.3f} -> {result.val_loss_after:.3f} "
-        f"({result.tokens_seen:,} tokens, {result.seconds:.1f} s, {result.device} {result.precision})"
+        f"({result.tokens_seen:,} tokens, {result.seconds:.1f} s, {result.device} {result.precision}, "
+        f"base {'4-bit NF4' if qlora else 'float32'} {result.base_bytes / 1e6:,.1f} MB)"
     )
     typer.echo(f"adapter: {result.adapter}" + (f"\nmerged: {result.merged}" if result.merged else ""))
 
