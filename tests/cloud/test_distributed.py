@@ -1,27 +1,35 @@
 """`torchrun --nproc-per-node 2` (gloo, CPU): one student per rank and FSDP phase III, against the same
-`train` command in one process, on the same tiny round."""
+`train` command in one process, on the same tiny round; and phase III alone over spawned gloo ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch import multiprocessing  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
+from deepfusion.cloud.distributed import Ranks  # noqa: E402
+from deepfusion.cloud.merge import Architecture, MergeSpec, merge_students_into_moe  # noqa: E402
+from deepfusion.cloud.trainer import TrainSpec, tune_moe  # noqa: E402
 from deepfusion.shared.messages import Metrics, decode_message  # noqa: E402
 from deepfusion.shared.topics import metrics_topic  # noqa: E402
 from tests.cloud.tiny import FED, tiny_student  # noqa: E402
 from tests.fixtures.broker import Inbox  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
+pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 
 
@@ -34,6 +42,7 @@ def _run(command: list[str], store: Path, broker, args: list[str], log: Path) ->
     assert done.returncode == 0, log.read_text()[-4000:]
 
 
+@pytest.mark.mqtt
 def test_two_ranks_train_the_release_one_process_trains(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], broker, mqtt_client, tmp_path: Path
 ) -> None:
@@ -83,3 +92,50 @@ def test_two_ranks_train_the_release_one_process_trains(
     release = {r: next(m for m in runs[r] if m.phase == "release").values["medical.nll"] for r in runs}
     assert release["torchrun"] == pytest.approx(release["single"], abs=1e-3)
     assert (stores["torchrun"] / FED / "releases" / "r0" / "model" / "config.json").is_file()
+
+
+def _tune(ranks: Ranks, architecture: Architecture) -> dict[str, Any]:
+    """Phase III of a tiny two-student merge on batches of 2 public windows: losses and router biases."""
+    torch.set_num_threads(1)
+    merge = MergeSpec(split=2, architecture=architecture, router_init_std=0.5)
+    moe = merge_students_into_moe([tiny_student(64), tiny_student(64)], merge)
+    public = [np.random.default_rng(w).integers(1, 64, 11) for w in range(2)]
+    spec = TrainSpec(merge=merge, tune_steps=3, bias_update=0.05 if architecture == "deepseek_v3" else 0.0)
+    losses = tune_moe(moe, public, spec, ranks=ranks)
+    state = ranks.full_state(moe)
+    return {"losses": losses, "biases": [v.tolist() for k, v in state.items() if "correction_bias" in k]}
+
+
+def _rank(rank: int, world: int, port: int, architecture: Architecture, out: Path) -> None:
+    """One spawned rank of `_tune`; rank 0 writes the result to `out`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    ranks = Ranks.from_env()
+    try:
+        result = _tune(ranks, architecture)
+        if ranks.main:
+            out.write_text(json.dumps(result))
+    finally:
+        ranks.close()
+
+
+def _spawned(world: int, architecture: Architecture, tmp_path: Path) -> dict[str, Any]:
+    """`_tune` over `world` spawned gloo ranks."""
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = tmp_path / f"{architecture}-{world}.json"
+    multiprocessing.spawn(_rank, args=(world, port, architecture, out), nprocs=world)
+    return cast(dict[str, Any], json.loads(out.read_text()))
+
+
+@pytest.mark.parametrize("architecture", ["qwen2_moe", "deepseek_v3"])
+def test_ranks_left_without_sequences_by_a_small_batch_change_nothing(
+    architecture: Architecture, tmp_path: Path
+) -> None:
+    """2 sequences over 3 ranks leave one rank without any: it crashed (an empty slice is no index, and
+    the MoE cannot run on zero sequences) and took the others down. It must still join FSDP's
+    collectives, yet add nothing: no loss, no load-balancing loss, no expert load to the bias update
+    (DeepSeek-V3). So 3 ranks train as 2 ranks with one sequence each do."""
+    idle, busy = (_spawned(world, architecture, tmp_path) for world in (3, 2))
+    assert idle["losses"] == pytest.approx(busy["losses"], rel=1e-5)
+    assert idle["biases"] == busy["biases"]

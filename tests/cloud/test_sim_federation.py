@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from deepfusion.cloud.sim.federation import FederationPlan, FederationRunner
+from deepfusion.cloud.sim.federation import FederationPlan, FederationRunner, _Watcher
 from deepfusion.shared.broker import EmbeddedBroker
+from deepfusion.shared.config import MqttConfig
 from deepfusion.shared.store import open_store
 
 
@@ -46,3 +49,40 @@ def test_a_drop_device_that_fails_to_start_fails_the_run_at_once(
     plan = _plan(broker, tmp_path, {"med-00": bad}, drop="med-00", timeout_s=60.0)
     with pytest.raises(RuntimeError, match=r"devices-0 exited with status [^0](?s:.*)not valid TOML"):
         FederationRunner(plan, Console(quiet=True)).run()
+
+
+@pytest.mark.parametrize(
+    ("script", "error"),
+    [
+        ("import time; print('phase II', flush=True); time.sleep(60)", TimeoutError),
+        ("import sys; sys.exit('no packets')", RuntimeError),
+    ],
+    ids=["hung", "failed"],
+)
+def test_a_hung_or_failed_trainer_ends_the_run_naming_its_log(
+    script: str, error: type[Exception], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainer that hangs meets the federation's deadline (the wait for it had none, so the run waited
+    forever); one that fails is reported with its status. Either way the error names its log."""
+    plan = FederationPlan(
+        federation="fed",
+        rounds=1,
+        mqtt=MqttConfig(),
+        store=open_store(str(tmp_path / "store")),
+        cloud_configs={},
+        device_configs={},
+        train_args=[],
+        logs=tmp_path,
+        timeout_s=1.0,
+    )
+    runner = FederationRunner(plan, Console(quiet=True))
+    monkeypatch.setattr(
+        runner, "_cloud", lambda name, *_: runner._start(name, [sys.executable, "-c", script])
+    )
+    started = time.perf_counter()
+    try:
+        with pytest.raises(error, match=rf"trainer-r0.*{tmp_path / 'trainer-r0.log'}"):
+            runner._train(0, _Watcher(), started + plan.timeout_s)
+    finally:
+        runner._stop_all()
+    assert time.perf_counter() - started < 30

@@ -53,6 +53,11 @@ class BiasBalancer:
             counts.zero_()
         return loads
 
+    def forget(self) -> None:
+        """Drop the loads recorded since the last step (a forward whose tokens must not count)."""
+        for counts in self.counts:
+            counts.zero_()
+
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()

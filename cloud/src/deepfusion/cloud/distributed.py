@@ -102,11 +102,12 @@ class Ranks:
         return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
 
     def slice(self, batch: Batch) -> Batch:
-        """This rank's sequences of a global batch (rows renumbered to the slice)."""
+        """This rank's sequences of a global batch (rows renumbered to the slice); none when the batch
+        has fewer sequences than there are ranks."""
         if self.world == 1:
             return batch
         keep = list(range(self.rank, batch.input_ids.size(0), self.world))
         position = {seq: i for i, seq in enumerate(keep)}
         rows = [replace(row, seq=position[row.seq]) for row in batch.rows if row.seq in position]
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, dtype=torch.long)  # an empty list would make a float tensor, no index
         return Batch(batch.input_ids[index], batch.attention_mask[index], batch.lengths[index], rows)

@@ -221,17 +221,27 @@ def tune_moe(
                 chosen = rng.choice(len(windows), min(size, len(windows)), replace=False)
                 batch = Batch(*pad_windows([windows[k] for k in chosen]), [])
             predicted = int((batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).sum())
-            local = ranks.slice(batch).to(device)
+            local = ranks.slice(batch)
+            # This rank's share of the batch's sequences weights its terms, so that their mean over
+            # ranks (what the averaged gradients follow) is the whole batch's.
+            share = local.input_ids.size(0) * ranks.world / batch.input_ids.size(0)
+            if not share:
+                # A batch smaller than the world leaves this rank without sequences, yet FSDP's
+                # all-gathers and reduce-scatters need every rank: it runs a stand-in that counts zero.
+                local = Batch(batch.input_ids[:1], batch.attention_mask[:1], batch.lengths[:1], [])
+            local = local.to(device)
             with autocast(device):
                 out = moe(
                     input_ids=local.input_ids, attention_mask=local.attention_mask, output_router_logits=True
                 )
                 summed = next_token_ce(out.logits, local.input_ids, local.attention_mask, reduction="sum")
-                loss = summed * ranks.world / max(predicted, 1)
+                loss = summed * (ranks.world / max(predicted, 1) if share else 0.0)
                 if getattr(out, "aux_loss", None) is not None:
-                    loss = loss + aux_coef * out.aux_loss  # the load-balancing loss
+                    loss = loss + aux_coef * out.aux_loss * share  # the load-balancing loss
                 if local.rows:
                     loss = loss + spec.tune_beta * _share_kl(out.logits, local, batch, ranks.world, spec)
+            if balancer is not None and not share:
+                balancer.forget()  # the stand-in's tokens are no load
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -50,7 +50,7 @@ class FederationPlan:
     drop: str | None = None
     hostile: str | None = None  # device run by `sim.attack` (valid packets, poisoned knowledge)
     attack_args: list[str] = field(default_factory=list)  # `sim.attack` options besides the config
-    timeout_s: float = 3600.0
+    timeout_s: float = 3600.0  # the whole run, the trainer's runs included
 
 
 @dataclass
@@ -201,6 +201,7 @@ class FederationRunner:
         client.subscribe(release_topic(plan.federation), watcher.on_release)
         client.connect()
         started = time.perf_counter()
+        deadline = started + plan.timeout_s
         train_s = 0.0
         told = False
         trained: set[int] = set()
@@ -215,7 +216,7 @@ class FederationRunner:
                 f"{len(self.hosts)} processes; logs in {plan.logs}"
             )
             while True:
-                if time.perf_counter() - started > plan.timeout_s:
+                if time.perf_counter() > deadline:
                     raise TimeoutError(f"the federation did not finish within {plan.timeout_s:.0f} s")
                 self._check_alive("ingest")
                 # The drop device's host is checked too until it is killed on purpose: one that failed
@@ -237,7 +238,7 @@ class FederationRunner:
                         if state.close_reason == "deadline-no-quorum":
                             continue
                         trained.add(state.round)
-                        train_s += self._train(state.round, watcher)
+                        train_s += self._train(state.round, watcher, deadline)
                 if dropped and not told:
                     console.print(
                         f"[yellow]dropped[/] {plan.drop}: device process killed mid-round (SIGKILL)"
@@ -288,13 +289,20 @@ class FederationRunner:
             covered = f"{coverage.delivered}/{coverage.assigned} delivered" if coverage else ""
             self.console.print(f"[bold]round {state.round}[/] closed ({state.close_reason}): {covered}")
 
-    def _train(self, round_id: int, watcher: _Watcher) -> float:
+    def _train(self, round_id: int, watcher: _Watcher, deadline: float) -> float:
+        """Run the trainer on a closed round. It is bound by the federation's `deadline` (a perf_counter
+        time) too: a hung trainer would otherwise keep the run waiting forever."""
         self.console.print(f"[bold]trainer[/] round {round_id}: phase II students, merge, phase III")
         started = time.perf_counter()
         name = f"trainer-r{round_id}"
         process = self._cloud(name, "trainer", "train", "--round", str(round_id), *self.plan.train_args)
         seen = 0
         while process.poll() is None:
+            if time.perf_counter() > deadline:  # the run's `finally` stops the trainer
+                raise TimeoutError(
+                    f"{name} did not finish within the federation's {self.plan.timeout_s:.0f} s; last lines "
+                    f"of {self.plan.logs / (name + '.log')}:\n{self._log_tail(name)}"
+                )
             time.sleep(2.0)
             with watcher.lock:
                 fresh = watcher.metrics[seen:]
@@ -303,9 +311,7 @@ class FederationRunner:
                 last = fresh[-1]
                 values = ", ".join(f"{k} {v:.3f}" for k, v in list(last.values.items())[:4])
                 self.console.print(f"[dim]  trainer {last.phase} step {last.step}: {values}[/]")
-        self._check_alive(name)
-        if process.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{self._log_tail(name)}")
+        self._check_alive(name)  # a failed trainer: its status and the end of its log
         seconds = time.perf_counter() - started
         self.console.print(f"[bold]trainer[/] round {round_id} released in {seconds:.0f} s")
         return seconds
