@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from deepfusion.cloud.ingest import knowledge_key
-from deepfusion.cloud.ingest_service import IngestService, read_all_counters
-from deepfusion.shared.messages import RejectReason, ShardAssignment
+from deepfusion.cloud.ingest_service import IngestService, counters_key, read_all_counters
+from deepfusion.shared.messages import Ack, RejectReason, ShardAssignment
 from deepfusion.shared.packets import encode
-from deepfusion.shared.store import ObjectStore, open_store
+from deepfusion.shared.store import ObjectStore, StoreError, open_store
 from deepfusion.shared.store.local import LocalStore
 from deepfusion.shared.topics import knowledge_topic
 from tests.cloud.federation import (
@@ -326,3 +326,26 @@ def test_a_stopping_worker_acks_and_counts_every_packet_it_stored(broker, mqtt_c
         assert read_all_counters(store, FED)["dev-1"].accepted == len(stored)
     finally:
         device.close()
+
+
+def test_counters_whose_write_failed_are_written_at_the_next_interval(tmp_path):
+    """A store that fails one write must not leave the stored counters (what `status` shows, and what a
+    restart reads back) behind until the next packet comes, which may be never."""
+
+    class FlakyStore(LocalStore):
+        failing = True
+
+        def put(self, key: str, data: bytes) -> None:
+            if self.failing:
+                raise StoreError(f"{key}: store unavailable")
+            super().put(key, data)
+
+    store = FlakyStore(tmp_path / "store")
+    service = IngestService(config_from([f'store.uri="{tmp_path / "store"}"', f"federation={FED}"]), store)
+    digest = hashlib.sha256(b"packet").hexdigest()
+    service.counters.record(Ack(federation=FED, device="dev-1", round=3, packet=digest, accepted=True), 100)
+    key = counters_key(FED, service.settings.worker_id)
+    service._flush_counters(key)  # the worker's interval flush; the write fails
+    store.failing = False
+    service._flush_counters(key)  # the next interval, nothing new received
+    assert read_all_counters(store, FED)["dev-1"].accepted == 1

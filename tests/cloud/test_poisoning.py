@@ -21,7 +21,12 @@ from deepfusion.cloud.cluster import ClusterReport  # noqa: E402
 from deepfusion.cloud.data import index_round, read_clusters  # noqa: E402
 from deepfusion.cloud.evaluate import token_windows  # noqa: E402
 from deepfusion.cloud.merge import MergeSpec  # noqa: E402
-from deepfusion.cloud.robust import nll_lower_bound, screen_round, sequence_divergence  # noqa: E402
+from deepfusion.cloud.robust import (  # noqa: E402
+    nll_lower_bound,
+    screen_round,
+    screening_values,
+    sequence_divergence,
+)
 from deepfusion.cloud.sim.attack import Poison, PoisonedBackend, poison_score  # noqa: E402
 from deepfusion.cloud.students import StudentSpec  # noqa: E402
 from deepfusion.cloud.trainer import TrainSpec, train_round  # noqa: E402
@@ -214,3 +219,40 @@ def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path:
     assert screening.devices["a"].disagreement == 0 and screening.devices["a"].reason is None
     assert set(screening.quarantined) == {"c"}  # disagrees, above the floor, where the others agree exactly
     assert "inf" not in screening.quarantined["c"]
+
+
+def test_a_member_without_partners_has_no_ratio_next_to_members_that_agree_exactly(tmp_path: Path) -> None:
+    """A device that shares too few sequences with anybody is undecidable: its `relative` is no number,
+    not 1.0 (the ratio of members that agree), whatever the others' median."""
+
+    vocab, n = 50, 6
+
+    def sequences(seed: int, ids: range) -> list[SequenceKnowledge]:
+        rng = np.random.default_rng(seed)
+        return [
+            SequenceKnowledge(
+                i,
+                np.arange(n),
+                np.zeros((n, 2)),
+                np.stack([rng.permutation(vocab)[:4] for _ in range(n)]),
+                np.full((n, 4), -1.7),
+                3.0,
+            )
+            for i in ids
+        ]
+
+    store = open_store(str(tmp_path / "store"))
+    for device, ids in (("a", range(10)), ("b", range(10)), ("c", range(10)), ("d", range(20, 23))):
+        put_sequences(store, device, sequences(0, ids), vocab)
+    clusters = ClusterReport(
+        k=1,
+        assignment=dict.fromkeys("abcd", 0),
+        members={0: ["a", "b", "c", "d"]},
+        sizes={0: 4},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
+    screening = screen_round(store, index_round(store, FED, ROUND, clusters))
+    assert screening.devices["a"].relative == 1.0
+    assert screening.devices["d"].partners == 0 and np.isnan(screening.devices["d"].relative)
+    assert "d.relative" not in screening_values(screening) and not screening.quarantined

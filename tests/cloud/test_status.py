@@ -14,10 +14,10 @@ from rich.console import Console
 
 from deepfusion.cloud.registry import FederationView
 from deepfusion.cloud.status import collect_status, render_status
-from deepfusion.shared.messages import encode_message
+from deepfusion.shared.messages import ReleaseNote, encode_message
 from deepfusion.shared.mqtt import Message, MqttClient
 from deepfusion.shared.store import open_store
-from deepfusion.shared.topics import card_topic
+from deepfusion.shared.topics import card_topic, release_topic
 from tests.cloud.federation import FED, SimDevice, base_overrides, card_for
 from tests.fixtures.broker import wait_for
 
@@ -89,3 +89,19 @@ def test_a_card_with_an_absurd_parameter_count_does_not_break_the_status(tmp_pat
     console = Console(width=200, record=True)
     console.print(render_status(collect_status(view, open_store(str(tmp_path / "store")), FED)))
     assert "llama 2.5M" in console.export_text()
+
+
+def test_markup_in_a_card_or_release_is_shown_as_written(tmp_path: Path) -> None:
+    """A card's model_family is the device's own text: "[/]" must not break the table for everybody,
+    nor "[red]" restyle it, and a release's metric names show in full."""
+    view = FederationView(FED)
+    for device, family in (("pi-1", "llama[/]"), ("pi-2", "[bold red]gpt2")):
+        card = card_for(device).model_copy(update={"model_family": family})
+        view.handle(Message(card_topic(FED, device), encode_message(card), qos=1, retain=True))
+    note = ReleaseNote(federation=FED, version="v1", round=0, uri="file:///r/[v1]", metrics={"acc[moe]": 0.5})
+    view.handle(Message(release_topic(FED), encode_message(note), qos=1, retain=True))
+    console = Console(width=200, record=True)
+    console.print(render_status(collect_status(view, open_store(str(tmp_path / "store")), FED)))
+    text = console.export_text()
+    assert "llama[/] 2.5M" in text and "[bold red]gpt2 2.5M" in text
+    assert "file:///r/[v1]" in text and "acc[moe]" in text

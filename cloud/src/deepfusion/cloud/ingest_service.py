@@ -231,6 +231,9 @@ class IngestService:
         try:
             self.store.put(key, self.counters.to_bytes(self.settings.worker_id))
         except StoreError as exc:
+            # `to_bytes` marked them clean: without this, a worker that receives nothing more would
+            # leave the store (and `status`) at the old counts until it stops.
+            self.counters.dirty = True
             log.warning("cannot write ingest counters: %s", exc)
 
     # -- packets ---------------------------------------------------------------------------------------

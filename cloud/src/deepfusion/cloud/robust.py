@@ -154,7 +154,9 @@ def screen_round(
                 continue  # sent nothing this round
             score = scored.get(device, math.nan)
             others = [v for d, v in scored.items() if d != device]
-            relative = _relative(score, others) if len(scored) >= 3 and others else math.nan
+            # Only a scored device has a ratio: `_relative` would call a missing score (nan) next to
+            # members that agree exactly "1.0", as if the device agreed with them.
+            relative = _relative(score, others) if device in scored and len(scored) >= 3 else math.nan
             gap = float(np.median(gaps[device]))
             reason = None
             if gap < -_NLL_SLACK:

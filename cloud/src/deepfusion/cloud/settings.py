@@ -17,11 +17,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from deepfusion.shared.config import MqttConfig, Section, StoreConfig, load_config
+from deepfusion.shared.topics import validate_id
 
 __all__ = ["CloudConfig", "CoordinatorSection", "IngestSection", "StatusSection", "load_cloud_config"]
+
+MAX_WAIT_S = 365 * 24 * 3600.0
+"""Upper bound of the durations the services wait or add to a date: a year is far beyond any use,
+while `inf` (valid TOML) or 1e300 would overflow `Event.wait` or a datetime mid-run."""
 
 
 class IngestSection(Section):
@@ -46,6 +51,7 @@ class IngestSection(Section):
     context_wait_s: float = Field(
         2.0,
         ge=0,
+        le=MAX_WAIT_S,
         description="How long a packet from a device or round not yet seen waits for its card or "
         "RoundSpec to arrive (they travel on another connection) before it is refused.",
     )
@@ -53,7 +59,7 @@ class IngestSection(Section):
         0.3, ge=0, description="Quiet time that ends the burst of retained cards and rounds at start."
     )
     stats_interval_s: float = Field(
-        5.0, gt=0, description="How often the per-device counters are written to the store."
+        5.0, gt=0, le=MAX_WAIT_S, description="How often the per-device counters are written to the store."
     )
     fault_kill_after_writes: int | None = Field(
         None,
@@ -62,17 +68,31 @@ class IngestSection(Section):
         "packet's Ack. Never set in production.",
     )
 
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, value: str) -> str:
+        return validate_id(value, "worker id")  # an MQTT client id and the name of a store key
+
+    @field_validator("share_group")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        return validate_id(value, "share group")  # a level of the shared subscription's topic
+
 
 class CoordinatorSection(Section):
     clusters: int = Field(2, ge=1, description="K: knowledge domains (phase I clusters, MoE experts).")
     redundancy: int = Field(2, ge=1, description="R: devices of each cluster that score each sequence.")
     min_devices: int = Field(1, ge=1, description="Devices with a card needed before a round is planned.")
-    round_s: float = Field(3600.0, gt=0, description="Seconds from opening a round to its deadline.")
+    round_s: float = Field(
+        3600.0, gt=0, le=MAX_WAIT_S, description="Seconds from opening a round to its deadline."
+    )
     quorum: float = Field(
         0.8, ge=0, le=1, description="At the deadline: share of (cluster, sequence) slots covered to close."
     )
     max_rounds: int | None = Field(None, ge=1, description="Stop after this many rounds (None: never).")
-    tick_s: float = Field(1.0, gt=0, description="Seconds between two looks at coverage and releases.")
+    tick_s: float = Field(
+        1.0, gt=0, le=MAX_WAIT_S, description="Seconds between two looks at coverage and releases."
+    )
     top_k: int = Field(32, ge=1, le=1024, description="Cap on next-token log-probs per token.")
     top_p: float | None = Field(0.95, gt=0, le=1, description="Keep the shortest top-k prefix reaching p.")
     stages: int = Field(4, ge=0, description="J: layer groups whose pooled hidden states devices send.")
@@ -89,7 +109,7 @@ class CoordinatorSection(Section):
 
 
 class StatusSection(Section):
-    refresh_s: float = Field(2.0, gt=0, description="Refresh interval of `status --watch`.")
+    refresh_s: float = Field(2.0, gt=0, le=MAX_WAIT_S, description="Refresh interval of `status --watch`.")
     settle_s: float = Field(0.5, ge=0, description="Quiet time that ends the burst of retained messages.")
 
 
@@ -100,6 +120,11 @@ class CloudConfig(Section):
     ingest: IngestSection = Field(default_factory=IngestSection)
     coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)
     status: StatusSection = Field(default_factory=StatusSection)
+
+    @field_validator("federation")
+    @classmethod
+    def _topic_level(cls, value: str) -> str:
+        return validate_id(value, "federation id")  # a level of every topic and the first of every key
 
 
 def load_cloud_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CloudConfig:

@@ -59,6 +59,12 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _plain(value: str) -> Text:
+    """A cell that shows `value` as it is: a string cell would be read as rich markup, and devices write
+    their cards themselves (a model_family of "[/]" raised, one of "[red]x" restyled the table)."""
+    return Text(value)
+
+
 def _devices_table(s: FederationStatus) -> Table:
     table = Table(title=f"Devices of federation '{s.federation}'", title_justify="left")
     for name, justify in (
@@ -89,7 +95,7 @@ def _devices_table(s: FederationStatus) -> Table:
             Text(state, style=style),
             str(clusters[device]) if device in clusters else "-",
             card.backend if card else "-",
-            f"{card.model_family} {card.model_params / 1e6:.1f}M" if card else "-",
+            _plain(f"{card.model_family} {card.model_params / 1e6:.1f}M") if card else "-",
             round_progress,
             str(counts.accepted),
             str(counts.duplicates),
@@ -143,12 +149,12 @@ def _release_table(s: FederationStatus) -> Table:
     if note is None:
         table.add_row("release", "none yet")
         return table
-    table.add_row("version", f"{note.version} (round {note.round})")
-    table.add_row("uri", note.uri)
+    table.add_row("version", _plain(f"{note.version} (round {note.round})"))
+    table.add_row("uri", _plain(note.uri))
     if note.architecture:
-        table.add_row("architecture", note.architecture)
+        table.add_row("architecture", _plain(note.architecture))
     for name, value in sorted(note.metrics.items()):
-        table.add_row(name, f"{value:.4g}")
+        table.add_row(_plain(name), f"{value:.4g}")
     return table
 
 
