@@ -5,16 +5,17 @@ from __future__ import annotations
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from deepfusion.cloud.ingest import knowledge_key, store_packet
-from deepfusion.shared.messages import RejectReason
+from deepfusion.cloud.ingest import IngestContext, knowledge_key, store_packet
+from deepfusion.shared.messages import RejectReason, RoundSpec, ShardAssignment, ShardRef
 from deepfusion.shared.packets import encode
 from deepfusion.shared.store import open_store
 from deepfusion.shared.store.local import LocalStore
 from deepfusion.shared.topics import InvalidTopic, knowledge_topic, status_topic
-from tests.shared.packet_factory import make_packet
+from tests.shared.packet_factory import FINGERPRINT, make_packet
 
 
 @pytest.fixture
@@ -90,3 +91,28 @@ def test_a_topic_that_is_not_a_knowledge_topic_is_an_error(store):
         store_packet(store, "fed", status_topic("fed", "pi-1"), b"x", max_bytes=1024)
     with pytest.raises(InvalidTopic):
         store_packet(store, "fed", knowledge_topic("other", "pi-1"), b"x", max_bytes=1024)
+
+
+def test_a_stored_packet_resent_after_its_round_closed_is_a_duplicate(store):
+    """The first Ack was lost and the round closed meanwhile: the packet is stored and counts, so the
+    resend hears `duplicate`; a packet never stored is still refused."""
+    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
+    spec = RoundSpec(
+        federation="fed", round=3, tokenizer=FINGERPRINT, shards=[shard], top_k=8, stages=4, patches=2,
+        assignments={"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]},
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )  # fmt: skip
+    open_round = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: spec})
+    closed = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={})
+    topic = knowledge_topic("fed", "dev-1")
+    stored, never = (
+        encode(make_packet(seed=s, device="dev-1", federation="fed", shard="shard-0", sequences=1))
+        for s in (1, 2)
+    )
+    first = store_packet(store, "fed", topic, stored, max_bytes=1 << 20, context=open_round)
+    assert first.accepted and not first.duplicate
+    resent = store_packet(store, "fed", topic, stored, max_bytes=1 << 20, context=closed)
+    assert resent.accepted and resent.duplicate and resent.packet == first.packet
+    refused = store_packet(store, "fed", topic, never, max_bytes=1 << 20, context=closed)
+    assert not refused.accepted and refused.reason is RejectReason.ROUND_CLOSED
+    assert list(store.list("fed/")) == [knowledge_key("fed", 3, "dev-1", first.packet)]

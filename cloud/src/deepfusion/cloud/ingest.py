@@ -33,6 +33,7 @@ __all__ = [
     "read_packet",
     "save_packet",
     "store_packet",
+    "stored_duplicate",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,27 @@ def check_context(
     return _reject(federation, packet.header.device, digest, problem, packet.header.round)
 
 
+def stored_duplicate(store: ObjectStore, federation: str, digest: str, packet: KnowledgePacket) -> Ack | None:
+    """The `duplicate` Ack of a packet that is already stored, else None.
+
+    The context a packet was accepted in can be gone when the device resends it because the first Ack
+    was lost (its round closed, its card was cleared): the packet is stored and counts, so the answer
+    is `duplicate`, as for any resend, not a rejection. Asked only for packets the context refuses.
+    Lets `StoreError` through: without an answer the device resends later.
+    """
+    header = packet.header
+    if not store.exists(knowledge_key(federation, header.round, header.device, digest)):
+        return None
+    return Ack(
+        federation=federation,
+        device=header.device,
+        round=header.round,
+        packet=digest,
+        accepted=True,
+        duplicate=True,
+    )
+
+
 def save_packet(
     store: ObjectStore, federation: str, digest: str, packet: KnowledgePacket, payload: bytes
 ) -> Ack:
@@ -202,5 +224,5 @@ def store_packet(
     if context is not None:
         refused = check_context(federation, digest, result, context)
         if refused is not None:
-            return refused
+            return stored_duplicate(store, federation, digest, result) or refused
     return save_packet(store, federation, digest, result, payload)

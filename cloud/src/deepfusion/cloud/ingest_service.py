@@ -40,7 +40,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from deepfusion.cloud.ingest import IngestContext, check_context, read_packet, save_packet
+from deepfusion.cloud.ingest import (
+    IngestContext,
+    check_context,
+    read_packet,
+    save_packet,
+    stored_duplicate,
+)
 from deepfusion.cloud.registry import FederationView
 from deepfusion.cloud.settings import CloudConfig
 from deepfusion.shared.messages import Ack, RejectReason, encode_message
@@ -270,16 +276,18 @@ class IngestService:
         if isinstance(result, Ack):
             ack = result
         else:
-            ack = self._check(digest, result)
-            if ack is None:
-                try:
+            refused = self._check(digest, result)
+            try:
+                if refused is None:
                     ack = save_packet(self.store, self.federation, digest, result, message.payload)
-                except StoreError as exc:
-                    # No Ack: the device resends once the store is back.
-                    log.error("store write failed for packet %s of %s: %s", digest[:12], device, exc)
-                    return None
-                if not ack.duplicate:
-                    self._after_write()
+                    if not ack.duplicate:
+                        self._after_write()
+                else:
+                    ack = stored_duplicate(self.store, self.federation, digest, result) or refused
+            except StoreError as exc:
+                # No Ack: the device resends once the store is back.
+                log.error("store failed for packet %s of %s: %s", digest[:12], device, exc)
+                return None
         self._answer(ack, len(message.payload))
         return ack
 
