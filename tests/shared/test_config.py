@@ -10,8 +10,10 @@ from deepfusion.shared.config import (
     MqttConfig,
     Section,
     StoreConfig,
+    TlsConfig,
     apply_overrides,
     load_config,
+    mqtt_toml,
 )
 
 
@@ -90,3 +92,18 @@ def test_overrides_do_not_mutate_the_input():
     data = {"mqtt": {"port": 1}}
     assert apply_overrides(data, ["mqtt.port=2"]) == {"mqtt": {"port": 2}}
     assert data == {"mqtt": {"port": 1}}
+
+
+def test_mqtt_toml_reads_back_any_password_username_and_path(tmp_path):
+    written = MqttConfig(
+        host="broker.example",
+        port=8883,
+        username='dev "1" \\ \t ü',
+        password="key-\U0001f511-\x7f-end",
+        tls=TlsConfig(ca_file=tmp_path / "ca-\U00020000.pem", insecure=True),
+    )
+    path = tmp_path / "device.toml"
+    path.write_text(mqtt_toml(written), encoding="utf-8")
+    read = load_config(ExampleConfig, path).mqtt
+    assert read == written
+    assert read.password is not None and read.password.get_secret_value() == "key-\U0001f511-\x7f-end"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -161,6 +162,37 @@ def test_client_reconnects_by_itself_after_a_broker_restart(broker, mqtt_client,
     fresh = Inbox()
     mqtt_client(broker.config(), "device-2").subscribe(topic, fresh)
     assert fresh.wait_count(1)[0].payload == b"card-v1"
+
+
+def test_subscribe_whose_suback_was_lost_with_the_connection_returns_after_the_reconnect(broker, mqtt_client):
+    """The broker never answers a SUBSCRIBE and the connection drops: subscribe() asks again on the new
+    connection instead of waiting out its timeout for a SUBACK that cannot come."""
+    topic = status_topic(FED, "device-1")
+    client = mqtt_client(broker.config(reconnect_min_s=0.05, reconnect_max_s=0.2), "watcher")
+    inbox = Inbox()
+    outcome: list[BaseException | None] = []
+
+    def subscribe() -> None:
+        try:
+            client.subscribe(topic, inbox, timeout=8)
+            outcome.append(None)
+        except MqttError as exc:
+            outcome.append(exc)
+
+    frozen = broker._process
+    assert frozen is not None
+    frozen.send_signal(signal.SIGSTOP)  # the SUBSCRIBE reaches the broker, which never answers it
+    subscribing = threading.Thread(target=subscribe)
+    subscribing.start()
+    time.sleep(0.3)
+    broker.kill()  # the connection drops with the SUBACK still owed
+    broker.start()
+    restarted = time.monotonic()
+    subscribing.join(10)
+    assert outcome == [None]
+    assert time.monotonic() - restarted < 4, "subscribe() waited for the SUBACK of the lost connection"
+    mqtt_client(broker.config(), "device-1").publish_and_wait(topic, b"online")
+    assert inbox.wait_count(1)[0].payload == b"online"
 
 
 def test_120_kib_payload_arrives_byte_identical(broker, mqtt_client):

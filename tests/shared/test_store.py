@@ -304,6 +304,24 @@ def test_local_put_is_atomic_for_concurrent_readers(tmp_path: Path) -> None:
     assert seen["first"] > 0 and seen["second"] > 0  # the reader really ran during the writes
 
 
+def test_local_list_skips_a_folder_a_concurrent_delete_removes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a folder's last object prunes the folder; a listing that meets it gone lists the rest."""
+    store = LocalStore(tmp_path / "store")
+    store.put("fed/a/kept", b"1")
+    store.put("fed/b/deleted", b"2")
+    scandir = os.scandir
+
+    def scandir_after_a_delete(path: Any) -> Any:
+        if Path(path) == tmp_path / "store" / "fed" / "b":
+            store.delete("fed/b/deleted")  # lands between the walk seeing the folder and reading it
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir_after_a_delete)
+    assert list(store.list("fed/")) == ["fed/a/kept"]
+
+
 def _files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -339,6 +357,19 @@ def test_local_write_onto_a_directory_fails_cleanly(tmp_path: Path) -> None:
     assert store.get("fed/rounds/r1/state.json") == b"kept"
     assert _files_under(tmp_path / "store") == ["fed/rounds/r1/state.json"]
     assert list(store.list()) == ["fed/rounds/r1/state.json"]
+
+
+def test_local_write_below_an_object_names_the_object_in_the_way(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put("fed/rounds", b"kept")
+    blocker = str(tmp_path / "store" / "fed" / "rounds")
+    for key in ("fed/rounds/state.json", "fed/rounds/r1/state.json"):
+        for write in (store.put, store.put_new):
+            with pytest.raises(StoreError, match=rf"cannot write object '{key}'") as info:
+                write(key, b"needs a folder where an object is")
+            assert f"{blocker} is an object, so it cannot also be a folder" in str(info.value)
+    assert store.get("fed/rounds") == b"kept"
+    assert _files_under(tmp_path / "store") == ["fed/rounds"]
 
 
 # --- S3 -------------------------------------------------------------------------------------------

@@ -164,5 +164,23 @@ def mqtt_toml(config: MqttConfig) -> str:
 
 
 def _toml_value(value: object) -> str:
-    # A JSON string is a valid TOML basic string; numbers and booleans are spelled the same in both.
-    return json.dumps(str(value) if isinstance(value, Path) else value)
+    # Numbers and booleans are spelled the same in JSON and TOML.
+    return _toml_string(str(value)) if isinstance(value, str | Path) else json.dumps(value)
+
+
+def _toml_string(text: str) -> str:
+    """`text` as a TOML basic string of ASCII characters.
+
+    Not JSON's spelling: JSON writes a character beyond U+FFFF as a surrogate pair of escapes, which
+    TOML refuses, so a config holding one could not be read back.
+    """
+    escaped = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            escaped.append(char)
+        else:
+            escaped.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
+    return '"' + "".join(escaped) + '"'

@@ -158,6 +158,8 @@ class MqttClient:
         self._subscriptions: dict[str, _Subscription] = {}
         self._suback_results: dict[int, list[ReasonCode]] = {}
         self._suback_ignored: set[int] = set()  # mids of re-subscriptions and abandoned waits
+        # Counts accepted connections: a SUBSCRIBE sent on an earlier one gets no SUBACK on a later one.
+        self._connections = 0
         self._puback_failures: dict[int, ReasonCode] = {}
         # QoS 1 publishes not yet acked; no more can be in flight than MQTT has packet ids.
         self._unconfirmed: deque[paho.MQTTMessageInfo] = deque(maxlen=65535)
@@ -387,27 +389,38 @@ class MqttClient:
         sub = _Subscription(topic_filter, _match_filter(topic_filter), handler, qos)
         with self._lock:
             self._subscriptions[topic_filter] = sub
-        client = self._paho
-        if client is None or not client.is_connected():
-            return  # issued by on_connect
-        rc, mid = client.subscribe(topic_filter, qos=qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
-            if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
-                return  # connection lost meanwhile: on_connect subscribes
-            raise MqttError(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
-        if getattr(self._in_handler, "active", False):
-            with self._lock:
-                self._suback_ignored.add(mid)  # a handler cannot wait for the thread it runs on
-            return
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while mid not in self._suback_results and not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._suback_ignored.add(mid)
-                    raise MqttError(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
-                self._cond.wait(remaining)
-            codes = self._suback_results.pop(mid, [])
+        while True:
+            client = self._paho
+            if client is None or not client.is_connected():
+                return  # issued by on_connect
+            with self._lock:
+                connection = self._connections
+            rc, mid = client.subscribe(topic_filter, qos=qos)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+                if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+                    return  # connection lost meanwhile: on_connect subscribes
+                raise MqttError(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
+            if getattr(self._in_handler, "active", False):
+                with self._lock:
+                    self._suback_ignored.add(mid)  # a handler cannot wait for the thread it runs on
+                return
+            with self._cond:
+                while (
+                    mid not in self._suback_results and connection == self._connections and not self._closed
+                ):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._suback_ignored.add(mid)
+                        raise MqttError(f"no SUBACK for {topic_filter!r} within {timeout:g} s")
+                    self._cond.wait(remaining)
+                if mid in self._suback_results or self._closed:
+                    codes = self._suback_results.pop(mid, [])
+                    break
+                # The connection was replaced before the SUBACK came: ask again on the new one, so that
+                # returning still means the broker has the subscription. (Should this SUBSCRIBE have gone
+                # out on the new connection after all, its SUBACK is dropped.)
+                self._suback_ignored.add(mid)
         if self._closed:
             raise MqttError(f"MQTT client {self._client_id!r} was closed while subscribing")
         if any(_failed(code) for code in codes):
@@ -488,7 +501,13 @@ class MqttClient:
                 version,
                 flags.session_present,
             )
-            with self._lock:
+            with self._cond:
+                # SUBACKs still awaited belong to the old connection and never come: forget their mids,
+                # and wake the subscribe() calls waiting for them.
+                self._connections += 1
+                self._suback_ignored.clear()
+                self._suback_results.clear()
+                self._cond.notify_all()
                 subscriptions = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
             if subscriptions:
                 # Its SUBACK is read only after this callback returns, so the mid is registered in time.

@@ -69,10 +69,16 @@ class LocalStore:
                     os.fsync(file.fileno())
                 install(tmp, path)
                 break
-            except FileExistsError:
+            except (FileExistsError, NotADirectoryError):
                 if path.is_file():
                     return False
-                reason = "a directory is in the way"
+                # mkdir fails like this too when an object's file holds the name of a folder on the path.
+                blocker = next((parent for parent in path.parents if parent.is_file()), None)
+                reason = (
+                    "a directory is in the way"
+                    if blocker is None
+                    else f"{blocker} is an object, so it cannot also be a folder"
+                )
                 raise StoreError(f"cannot write object {key!r} to {path}: {reason}") from None
             except OSError as exc:
                 if attempt == 1 and isinstance(exc, FileNotFoundError) and not path.parent.is_dir():
@@ -136,6 +142,8 @@ class LocalStore:
             return iter(())
 
         def fail(exc: OSError) -> None:
+            if isinstance(exc, FileNotFoundError | NotADirectoryError):
+                return  # a concurrent delete pruned it: its objects are gone, as S3 would list them
             raise StoreError(f"cannot list {exc.filename}: {exc.strerror or exc}") from exc
 
         keys: list[str] = []
