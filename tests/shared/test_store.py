@@ -269,6 +269,9 @@ def test_local_store_opens_from_file_uri_and_plain_path(tmp_path: Path) -> None:
         open_store("gs://bucket/prefix")
     with pytest.raises(StoreError, match="local path"):
         open_store("file://otherhost/srv/store")
+    for typo in ("s3:/bucket/prefix", "S3:bucket", "file:/srv/store"):  # not folders named "s3:"
+        with pytest.raises(StoreError, match="lacks the '//'"):
+            open_store(typo)
 
 
 def test_local_put_is_atomic_for_concurrent_readers(tmp_path: Path) -> None:

@@ -133,6 +133,10 @@ def open_store(config: StoreConfig | str) -> ObjectStore:
         raise StoreError(f"store URI {uri!r}: unsupported scheme {scheme!r} (use s3://, file:// or a path)")
     if not uri:
         raise StoreError("store URI is empty: give a folder, file:///abs/path or s3://bucket/prefix")
+    if uri.partition(":")[0].lower() in ("s3", "file"):  # "s3:/bucket" would open a folder named "s3:"
+        raise StoreError(
+            f"store URI {uri!r} lacks the '//' after its scheme: s3://bucket/prefix, file:///abs/path"
+        )
     return _open_local(Path(uri).expanduser())
 
 
