@@ -7,7 +7,9 @@
 
 A retained message is the broker's memory of a topic, so a service that restarts reads the whole
 federation back in one burst. An empty retained payload clears a topic (the coordinator clears
-`rounds/current` when a round closes). Malformed messages are logged and ignored, never fatal: one bad
+`rounds/current` when a round closes). A client that reconnects gets the burst again, but nothing for a
+topic cleared while it was away: once the burst is over (`refresh_quiet_s` without a message), the view
+drops what it did not hear again. Malformed messages are logged and ignored, never fatal: one bad
 device must not blind the cloud to the others.
 """
 
@@ -88,14 +90,18 @@ class DeviceRecord:
 class FederationView:
     """Thread-safe latest state of one federation's retained topics, updated by MQTT handlers."""
 
-    def __init__(self, federation: str) -> None:
+    def __init__(self, federation: str, refresh_quiet_s: float = 1.0) -> None:
         self.federation = federation
+        self.refresh_quiet_s = refresh_quiet_s
         self._cond = threading.Condition()
         self._devices: dict[str, DeviceRecord] = {}
         self._round: RoundSpec | None = None
         self._release: ReleaseNote | None = None
         self._version = 0
         self._last_update = time.monotonic()
+        self._connections = 0
+        # Topics heard since the last reconnect, (kind, device); None when no refresh is under way.
+        self._heard: set[tuple[TopicKind, str | None]] | None = None
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -148,6 +154,7 @@ class FederationView:
 
     def subscribe(self, client: MqttClient) -> None:
         """Subscribe `client` to every retained topic of the federation (before or after connect)."""
+        client.add_connect_listener(self._connected)
         client.subscribe(device_filter(self.federation, TopicKind.CARD), self.handle)
         client.subscribe(device_filter(self.federation, TopicKind.STATUS), self.handle)
         client.subscribe(round_topic(self.federation), self.handle)
@@ -161,6 +168,9 @@ class FederationView:
             return
         if name.federation != self.federation:
             return
+        with self._cond:
+            if self._heard is not None:
+                self._heard.add((name.kind, name.device))
         try:
             self._apply(name.kind, name.device, message.payload)
         except MessageError as exc:
@@ -205,6 +215,44 @@ class FederationView:
                     self._devices[device] = new
 
             self._update(change)
+
+    def _connected(self) -> None:
+        """A connection (network thread): after a reconnect, start listening for what is retained now."""
+        with self._cond:
+            self._connections += 1
+            if self._connections == 1:
+                return  # the view is empty: nothing in it can be stale
+            self._heard = set()
+            self._last_update = time.monotonic()
+        threading.Thread(target=self._drop_unheard, name="view-refresh", daemon=True).start()
+
+    def _drop_unheard(self) -> None:
+        """Once the reconnect's burst is over, forget the retained state the broker did not send again."""
+        with self._cond:
+            while (remaining := self._last_update + self.refresh_quiet_s - time.monotonic()) > 0:
+                self._cond.wait(remaining)
+            heard, self._heard = self._heard, None
+            if heard is None:
+                return  # an earlier refresh's thread took it
+            dropped = []
+            for kind, attribute in ((TopicKind.ROUND, "_round"), (TopicKind.RELEASE, "_release")):
+                if getattr(self, attribute) is not None and (kind, None) not in heard:
+                    setattr(self, attribute, None)
+                    dropped.append(kind.value)
+            for device, record in list(self._devices.items()):
+                card = record.card if (TopicKind.CARD, device) in heard else None
+                status = record.status if (TopicKind.STATUS, device) in heard else None
+                if (card, status) == (record.card, record.status):
+                    continue
+                dropped.append(device)
+                if card is None and status is None:
+                    del self._devices[device]
+                else:
+                    self._devices[device] = DeviceRecord(device, card=card, status=status)
+            if dropped:
+                log.info("cleared while disconnected, dropped from the view: %s", ", ".join(dropped))
+                self._version += 1
+                self._cond.notify_all()
 
     def _update(self, change: Callable[[], None]) -> None:
         with self._cond:

@@ -1,0 +1,44 @@
+"""The federation view of retained topics, against a real mosquitto."""
+
+from __future__ import annotations
+
+from deepfusion.cloud.registry import FederationView
+from deepfusion.shared.messages import ReleaseNote, encode_message
+from deepfusion.shared.mqtt import MqttClient
+from deepfusion.shared.topics import card_topic, release_topic
+from tests.cloud.federation import FED, card_for
+from tests.fixtures.broker import wait_for
+
+
+def _publish_retained(client: MqttClient, *devices: str, release: bool = False) -> None:
+    for device in devices:
+        client.publish_and_wait(card_topic(FED, device), encode_message(card_for(device)), retain=True)
+    if release:
+        note = ReleaseNote(federation=FED, version="v1", round=0, uri="file:///r/v1")
+        client.publish_and_wait(release_topic(FED), encode_message(note), retain=True)
+
+
+def test_a_reconnected_view_forgets_what_the_broker_stopped_retaining_while_it_was_away(broker) -> None:
+    """The broker resends what it retains to a client that comes back, and nothing for a topic cleared
+    meanwhile (a closed round, a removed device): the view must not keep those for ever."""
+    with MqttClient(broker.config(), "publisher") as publisher:
+        _publish_retained(publisher, "pi-a", "pi-b", release=True)
+    view = FederationView(FED, refresh_quiet_s=0.3)
+    watcher = MqttClient(broker.config(), "watcher")
+    view.subscribe(watcher)
+    watcher.connect()
+    try:
+        view.wait_settled(0.3)
+        assert set(view.cards()) == {"pi-a", "pi-b"} and view.release is not None
+        # Down while everything is cleared but pi-a's card: a broker that comes back without its
+        # database holds exactly what is published again.
+        broker.stop()
+        (broker.workdir / "mosquitto.db").unlink()
+        broker.start()
+        with MqttClient(broker.config(), "publisher-2") as publisher:
+            _publish_retained(publisher, "pi-a")
+        wait_for(lambda: set(view.cards()) == {"pi-a"}, 20, "pi-b's card to be dropped")
+        wait_for(lambda: view.release is None, 5, "the release to be dropped")
+        assert view.devices()["pi-a"].card == card_for("pi-a")  # heard again: kept
+    finally:
+        watcher.close()
