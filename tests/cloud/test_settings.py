@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from deepfusion.cloud.cli import app
 from deepfusion.cloud.settings import load_cloud_config
+from deepfusion.shared.broker import free_port
 from deepfusion.shared.config import ConfigError
 
 
@@ -33,6 +34,18 @@ def test_a_service_started_with_a_bad_federation_id_says_so_without_a_traceback(
     result = CliRunner().invoke(app, ["ingest", "--set", "federation=Demo", "--set", f'store.uri="{store}"'])
     assert result.exit_code == 2, result.output
     assert "federation: Value error, federation id 'Demo' must be lowercase" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["ingest", "coordinator", "status"])
+def test_a_service_that_cannot_reach_the_broker_says_where_without_a_traceback(
+    command: str, tmp_path: Path
+) -> None:
+    port = free_port("127.0.0.1")  # nothing listens there
+    overrides = ["--set", f"mqtt.port={port}", "--set", f'store.uri="{tmp_path / "store"}"']
+    result = CliRunner().invoke(app, [command, *overrides])
+    assert result.exit_code == 1, result.output
+    assert f"error: cannot reach the MQTT broker at mqtt://127.0.0.1:{port}" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 

@@ -11,7 +11,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,6 +23,8 @@ from rich.table import Table
 
 from deepfusion.cloud.settings import CloudConfig, load_cloud_config
 from deepfusion.shared.config import ConfigError
+from deepfusion.shared.mqtt import MqttError
+from deepfusion.shared.store import StoreError
 
 __all__ = ["coordinator", "ingest", "shards_app", "status"]
 
@@ -33,6 +38,24 @@ def _config(path: Path | None, overrides: list[str] | None) -> CloudConfig:
     except ConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(code=2) from None
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _clear_errors(command: F) -> F:
+    """A broker that cannot be reached or a store that fails ends the command with its one-line reason
+    (which says where and why) and exit status 1, not a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (MqttError, StoreError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _logging(verbose: bool) -> None:
@@ -53,6 +76,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+@_clear_errors
 def ingest(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
@@ -66,6 +90,7 @@ def ingest(
     IngestService(cfg).run(_stop_on_signals())
 
 
+@_clear_errors
 def coordinator(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
@@ -79,6 +104,7 @@ def coordinator(
     Coordinator(cfg).run(_stop_on_signals())
 
 
+@_clear_errors
 def status(
     config: Path | None = ConfigOption,
     overrides: list[str] | None = SetOption,
@@ -110,6 +136,7 @@ shards_app = typer.Typer(help="Public text shards in the object store.", no_args
 
 
 @shards_app.command("publish")
+@_clear_errors
 def shards_publish(
     source: Path = typer.Argument(..., exists=True, dir_okay=False, help='.jsonl (a "text" field) or text.'),
     name: str = typer.Option(..., "--name", help="Shard name prefix: NAME-0000, NAME-0001, ..."),
@@ -137,6 +164,7 @@ def shards_publish(
 
 
 @shards_app.command("list")
+@_clear_errors
 def shards_list(config: Path | None = ConfigOption, overrides: list[str] | None = SetOption) -> None:
     """List the shards rounds are planned on."""
     from deepfusion.cloud.shards import list_shards
