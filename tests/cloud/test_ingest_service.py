@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from deepfusion.cloud.ingest import knowledge_key
-from deepfusion.cloud.ingest_service import IngestService, counters_key, read_all_counters
+from deepfusion.cloud.ingest_service import IngestCounters, IngestService, counters_key, read_all_counters
 from deepfusion.shared.messages import Ack, RejectReason, ShardAssignment
 from deepfusion.shared.packets import encode
 from deepfusion.shared.store import ObjectStore, StoreError, open_store
@@ -349,3 +349,24 @@ def test_counters_whose_write_failed_are_written_at_the_next_interval(tmp_path):
     store.failing = False
     service._flush_counters(key)  # the next interval, nothing new received
     assert read_all_counters(store, FED)["dev-1"].accepted == 1
+
+
+def test_counters_files_of_another_shape_are_skipped(tmp_path):
+    """Valid JSON that is not a counters file must not break `status` (which sums every worker's file)
+    or a worker's start (which reads its own back): both skip what `from_bytes` refuses."""
+    store = LocalStore(tmp_path / "store")
+    good = IngestCounters()
+    good.record(Ack(federation=FED, device="dev-1", round=3, packet="ab" * 32, accepted=True), 100)
+    store.put(counters_key(FED, "good"), good.to_bytes("good"))
+    bad = (
+        "[]",
+        '{"devices": {"dev-1": null}}',
+        '{"devices": {"dev-1": {"accepted": null}}}',
+        '{"devices": 3}',
+    )
+    for i, text in enumerate(bad):
+        with pytest.raises(ValueError, match="not an ingest counters file"):
+            IngestCounters.from_bytes(text.encode())
+        store.put(counters_key(FED, f"bad-{i}"), text.encode())
+    totals = read_all_counters(store, FED)
+    assert set(totals) == {"dev-1"} and (totals["dev-1"].accepted, totals["dev-1"].bytes) == (1, 100)

@@ -128,8 +128,12 @@ class IngestCounters:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> IngestCounters:
-        parsed = json.loads(data)
-        return cls({d: DeviceCounts.from_json(c) for d, c in parsed.get("devices", {}).items()})
+        """Raises ValueError for anything but a counters file (callers skip such a file)."""
+        try:
+            parsed = json.loads(data)
+            return cls({str(d): DeviceCounts.from_json(c) for d, c in parsed.get("devices", {}).items()})
+        except (AttributeError, TypeError) as exc:  # valid JSON of another shape: a list, nulls, ...
+            raise ValueError(f"not an ingest counters file: {exc}") from None
 
 
 def read_all_counters(store: ObjectStore, federation: str) -> dict[str, DeviceCounts]:
