@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from deepfusion.cloud.registry import FederationView
 from deepfusion.shared.messages import ReleaseNote, encode_message
-from deepfusion.shared.mqtt import MqttClient
+from deepfusion.shared.mqtt import Message, MqttClient
 from deepfusion.shared.topics import card_topic, release_topic
 from tests.cloud.federation import FED, card_for
 from tests.fixtures.broker import wait_for
@@ -42,3 +42,14 @@ def test_a_reconnected_view_forgets_what_the_broker_stopped_retaining_while_it_w
         assert view.devices()["pi-a"].card == card_for("pi-a")  # heard again: kept
     finally:
         watcher.close()
+
+
+def test_a_release_or_round_of_another_federation_on_our_topic_is_refused() -> None:
+    """Like a garbled one: the view holds nothing valid there, and the coordinator publishes its own."""
+    view = FederationView(FED)
+    ours = ReleaseNote(federation=FED, version="v1", round=0, uri="file:///r/v1")
+    view.handle(Message(release_topic(FED), encode_message(ours), qos=1, retain=True))
+    assert view.release == ours
+    foreign = ReleaseNote(federation="other", version="v9", round=0, uri="file:///r/v9")
+    view.handle(Message(release_topic(FED), encode_message(foreign), qos=1, retain=True))
+    assert view.release is None

@@ -184,7 +184,9 @@ class FederationView:
         if kind in (TopicKind.ROUND, TopicKind.RELEASE):
             attribute, model = ("_round", RoundSpec) if kind == TopicKind.ROUND else ("_release", ReleaseNote)
             try:
-                value = _decode_or_none(model, payload)
+                value: RoundSpec | ReleaseNote | None = _decode_or_none(model, payload)  # type: ignore[assignment]
+                if value is not None and value.federation != self.federation:
+                    raise MessageError(f"{model.__name__} of federation {value.federation!r} on our topic")
             except MessageError:
                 # The broker now retains nothing valid there: the view says so (devices cannot read
                 # it either), and the coordinator publishes its own again.
