@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -119,3 +120,16 @@ def test_invalid_messages_say_what_is_wrong(build, field):
 def test_not_json_is_a_message_error():
     with pytest.raises(MessageError):
         decode_message(Ack, b"\x00\xff not json")
+
+
+def test_timestamps_without_an_offset_read_as_utc():
+    """A deadline written without a zone must still compare with now(UTC): the agent checks it on every
+    batch, and a TypeError there failed the round on every retry."""
+    naive = datetime(2030, 1, 2, 3, 4, 5)
+    fields = json.loads(encode_message(round_spec()))
+    spec = decode_message(RoundSpec, json.dumps({**fields, "deadline": naive.isoformat()}).encode())
+    assert spec.deadline == naive.replace(tzinfo=UTC) and datetime.now(UTC) < spec.deadline
+    note = ReleaseNote(federation="fed", version="r3", round=2, uri="s3://b/r3/", created_at=naive)
+    status = DeviceStatus(federation="fed", device="pi-1", state=DeviceState.ONLINE, at=naive)
+    assert note.created_at.tzinfo is UTC and status.at.tzinfo is UTC
+    assert round_spec(deadline=naive).opened_at > datetime(2020, 1, 1, tzinfo=UTC)  # aware, comparable

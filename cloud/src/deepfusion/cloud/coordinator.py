@@ -318,7 +318,7 @@ class Coordinator:
             wanted = version is None or note.version == version
             if note.round == round_id and note.federation == self.federation and wanted:
                 found.append(note)
-        return max(found, key=lambda n: _aware(n.created_at)) if found else None
+        return max(found, key=lambda n: n.created_at) if found else None
 
     def _publish_release(self, note: ReleaseNote) -> None:
         self._publish(release_topic(self.federation), encode_message(note))
@@ -337,11 +337,6 @@ class Coordinator:
         if self.client is None:
             raise RuntimeError("the coordinator is not connected; call connect() or run()")
         self.client.publish_and_wait(topic, payload, retain=True)
-
-
-def _aware(moment: datetime) -> datetime:
-    """A trainer may write a timestamp without a zone: read it as UTC, comparable with the others."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _most_common(values: list[str]) -> str | None:

@@ -11,7 +11,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from deepfusion.shared.topics import validate_id
 
@@ -45,6 +53,15 @@ Backend = Literal["torch", "onnxruntime", "llama_cpp"]
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def _as_utc(moment: datetime) -> datetime:
+    # A timestamp without an offset reads as UTC: compared with an aware one (every deadline check, the
+    # newest release) it would raise TypeError, on every retry.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class RejectReason(StrEnum):
@@ -141,7 +158,7 @@ class DeviceStatus(Message):
     sequences_total: int = Field(0, ge=0)
     packets_unacked: int = Field(0, ge=0)
     detail: str = Field("", max_length=500)
-    at: datetime = Field(default_factory=_now)
+    at: UtcDatetime = Field(default_factory=_now)
 
     _ids = field_validator("federation", "device")(lambda v, info: _checked_id(v, info.field_name))
 
@@ -187,8 +204,8 @@ class RoundSpec(Message):
     patches: int = Field(ge=1, description="P")
     max_tokens: int = Field(256, ge=8, description="Longest sequence (tokens) a device scores at once.")
     packet_budget: int = Field(120 * 1024, ge=1024, description="Max compressed bytes per packet.")
-    deadline: datetime
-    opened_at: datetime = Field(default_factory=_now)
+    deadline: UtcDatetime
+    opened_at: UtcDatetime = Field(default_factory=_now)
 
     _ids = field_validator("federation")(lambda v, info: _checked_id(v, info.field_name))
 
@@ -231,7 +248,7 @@ class ReleaseNote(Message):
     uri: str = Field(description="Object-store URI of the transformers checkpoint directory.")
     architecture: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
-    created_at: datetime = Field(default_factory=_now)
+    created_at: UtcDatetime = Field(default_factory=_now)
 
 
 class Metrics(Message):
@@ -243,7 +260,7 @@ class Metrics(Message):
     round: int | None = Field(None, ge=0)
     step: int = Field(0, ge=0)
     values: dict[str, float]
-    at: datetime = Field(default_factory=_now)
+    at: UtcDatetime = Field(default_factory=_now)
 
 
 def encode_message(message: Message) -> bytes:
