@@ -6,8 +6,10 @@ them; the agent runs as `deepfusion-edge run` in a child process, so kill -9 is 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -255,6 +257,49 @@ def test_fetch_checks_the_checksum(tmp_path: Path, shard_texts: list[str]) -> No
     bad = ref.model_copy(update={"sha256": "0" * 64})
     with pytest.raises(FetchError, match="sha256"):
         fetch_shard(bad, tmp_path / "other")
+
+
+def test_agents_sharing_a_cache_fetch_the_same_shard_at_once(tmp_path: Path) -> None:
+    """Devices hosted in one process may share a state_dir: their cache writes must not collide."""
+    texts = [f"public text number {i} " * 8 for i in range(4000)]
+    ref = publish_shard(open_store(str(tmp_path / "store")), FED, SHARD, texts)
+    errors: list[BaseException] = []
+
+    def fetch(barrier: threading.Barrier, cache: Path) -> None:
+        barrier.wait()
+        try:
+            assert fetch_shard(ref, cache) == texts
+        except BaseException as exc:
+            errors.append(exc)
+
+    for attempt in range(10):
+        barrier = threading.Barrier(6)
+        threads = [
+            threading.Thread(target=fetch, args=(barrier, tmp_path / f"cache-{attempt}")) for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert not errors, errors[:3]
+    assert [p.name for p in (tmp_path / "cache-0").iterdir()] == [f"{ref.sha256}.jsonl.zst"]
+
+
+def test_a_shard_that_cannot_be_cached_is_still_used(
+    tmp_path: Path, shard_texts: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ref = publish_shard(open_store(str(tmp_path / "store")), FED, SHARD, shard_texts)
+    write_bytes = Path.write_bytes
+
+    def disk_full(path: Path, data: bytes) -> int:
+        write_bytes(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with caplog.at_level(logging.WARNING, logger="deepfusion.edge.fetch"):
+        assert fetch_shard(ref, tmp_path / "cache") == shard_texts
+    assert "No space left" in caplog.text
+    assert not list((tmp_path / "cache").iterdir())  # no half-written file keeps the disk full
 
 
 def test_shard_texts_with_unicode_line_breaks_round_trip(tmp_path: Path) -> None:

@@ -1,31 +1,43 @@
 """The agent's round loop in this process, without a broker: what a round that cannot go as planned does.
 
 The agent scores from a local object store and spools its packets; its status updates and every spooled
-packet with its resume cursor are recorded instead of published.
+packet with its resume cursor are recorded instead of published. The uplink, the RoundSpec handler and
+the checks of the setup run without a model, the uplink with a client that records what it publishes.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 
 from deepfusion.cloud.shards import publish_shard
 from deepfusion.edge import agent as agent_module
+from deepfusion.edge import spool as spool_module
 from deepfusion.edge.agent import Agent
-from deepfusion.edge.agent_config import DeviceConfig
+from deepfusion.edge.agent_config import DeviceConfig, load_device_config
 from deepfusion.edge.errors import ErrorCode, ModelError
+from deepfusion.shared.config import ConfigError
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
-from deepfusion.shared.messages import RoundSpec, ShardAssignment, encode_message
+from deepfusion.shared.messages import (
+    DeviceStatus,
+    RoundSpec,
+    ShardAssignment,
+    ShardRef,
+    decode_message,
+    encode_message,
+)
 from deepfusion.shared.mqtt import Message
 from deepfusion.shared.packets import KnowledgePacket, decode
 from deepfusion.shared.store import open_store
-from deepfusion.shared.topics import round_topic
+from deepfusion.shared.topics import knowledge_topic, round_topic, status_topic
 
 FED = "fed"
 DEVICE = "dev-1"
@@ -186,3 +198,150 @@ def test_the_round_loop_survives_scoring_failures_and_retries(
     assert "scoring failed: RuntimeError: boom" in agent.details
     assert "scoring failed: the runtime ran out of memory" in agent.details
     assert agent.details[-1] == "round scored"
+
+
+class _Published:
+    def is_published(self) -> bool:
+        return True
+
+
+class RecordingClient:
+    """Stands in for the MQTT client: connected, records what is published."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.topics: list[str] = []
+        self.payloads: list[bytes] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Published:
+        self.topics.append(topic)
+        self.payloads.append(payload)
+        return _Published()
+
+    def details(self) -> list[str]:
+        """The `detail` of every status published, in order."""
+        return [
+            decode_message(DeviceStatus, payload).detail
+            for topic, payload in zip(self.topics, self.payloads, strict=True)
+            if topic == status_topic(FED, DEVICE)
+        ]
+
+
+def _config(tmp_path: Path, spool: Path) -> DeviceConfig:
+    """A device config whose model is never loaded."""
+    return DeviceConfig.model_validate(
+        {
+            "device": {"id": DEVICE, "federation": FED, "state_dir": str(tmp_path / "state")},
+            "model": {"path": str(tmp_path / "model")},
+            "spool": {"dir": str(spool)},
+        }
+    )
+
+
+def test_an_unusable_spool_dir_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"spool\.dir .*file/spool cannot be used"):
+        Agent(_config(tmp_path, tmp_path / "file" / "spool"))
+
+
+def test_the_uplink_outlives_a_full_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = Agent(_config(tmp_path, tmp_path / "spool"))
+    client = RecordingClient()
+    agent._client = client  # type: ignore[assignment]
+    knowledge = knowledge_topic(FED, DEVICE)
+    acked = agent.spool.add(b"a" * 100, round=1)
+    uplink = threading.Thread(target=agent._uplink, daemon=True)
+    uplink.start()
+    try:
+        deadline = time.monotonic() + 10
+        while knowledge not in client.topics and time.monotonic() < deadline:
+            time.sleep(0.02)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(spool_module, "_write_durably", Mock(side_effect=full))
+        with caplog.at_level(logging.WARNING, logger="deepfusion.edge.agent"):
+            agent.spool.ack(acked, flush=False)  # the uplink writes it to the index: the disk is full
+            time.sleep(2 * agent_module.ACK_FLUSH_S)
+        assert uplink.is_alive() and "cannot write the spool index" in caplog.text
+        monkeypatch.undo()
+        agent.spool.add(b"b" * 100, round=1)  # room again: the next packet still goes out
+        while client.topics.count(knowledge) < 2 and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        assert client.topics.count(knowledge) == 2
+    finally:
+        agent._closing.set()
+        uplink.join(10)
+    assert not uplink.is_alive() and not (tmp_path / "spool" / "packets" / f"{acked}.dfk").exists()
+
+
+def test_the_status_leaves_spool_full_when_scoring_resumes(tmp_path: Path) -> None:
+    config = _config(tmp_path, tmp_path / "spool")
+    agent = Agent(config.model_copy(update={"spool": config.spool.model_copy(update={"max_bytes": 1024})}))
+    client = RecordingClient()
+    agent._client = client  # type: ignore[assignment]
+    first = agent.spool.add(b"a" * 1000, round=1)
+    stop = threading.Event()
+    writer = threading.Thread(target=agent._spool, args=(b"b" * 1000, 1, ("1/s/0", 2), stop, 0))
+    writer.start()
+    deadline = time.monotonic() + 10
+    while "spool full: waiting for acks" not in client.details() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    agent.spool.ack(first)
+    writer.join(10)
+    assert not writer.is_alive() and len(agent.spool) == 1
+    assert client.details()[-1] != "spool full: waiting for acks"
+
+
+def test_an_older_round_delivered_late_keeps_the_current_one(tmp_path: Path) -> None:
+    agent = Agent(_config(tmp_path, tmp_path / "spool"))
+    now = datetime.now(UTC)
+
+    def spec(round_id: int, opened_at: datetime) -> RoundSpec:
+        ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
+        return RoundSpec(
+            federation=FED,
+            round=round_id,
+            tokenizer="0" * 64,
+            shards=[ref],
+            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
+            deadline=opened_at + timedelta(hours=1),
+            opened_at=opened_at,
+            top_k=16,
+            stages=0,
+            patches=2,
+        )
+
+    def deliver(message: RoundSpec) -> None:
+        agent._on_round(Message(round_topic(FED), encode_message(message), qos=1, retain=True))
+
+    current = spec(6, now)
+    deliver(current)
+    deliver(spec(5, now - timedelta(hours=2)))  # redelivered after round 6 arrived
+    assert agent._spec == current and agent._generation == 1
+    reset = spec(1, now + timedelta(minutes=1))  # a federation started over counts rounds from 1 again
+    deliver(reset)
+    assert agent._spec == reset and agent._generation == 2
+
+
+def test_a_private_corpus_without_text_is_a_config_error(tmp_path: Path) -> None:
+    private = tmp_path / "private.jsonl"
+    private.write_text('{"text": "  "}\n\n')
+    config = _config(tmp_path, tmp_path / "spool")
+    agent = Agent(config.model_copy(update={"data": config.data.model_copy(update={"private": private})}))
+    with pytest.raises(ConfigError, match="holds no text"):
+        agent._embedding()
+
+
+def test_an_embedding_outside_int8_is_a_config_error(tmp_path: Path) -> None:
+    """Caught with the config, not by the DeviceCard at join, after the model has loaded."""
+    values = ",".join(["200"] + ["0"] * 31)
+    overrides = [
+        f"device.id={DEVICE}",
+        f"device.federation={FED}",
+        "model.path=m",
+        f"data.embedding=[{values}]",
+    ]
+    with pytest.raises(ConfigError, match=r"data\.embedding\.0: Input should be less than or equal to 127"):
+        load_device_config(None, overrides)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -78,3 +82,30 @@ def test_cached_per_corpus_and_sampled_deterministically(tmp_path, monkeypatch):
     assert embed.data_embedding(texts, max_texts=4, seed=3, cache_dir=tmp_path) == first
     with pytest.raises(ValueError):
         embed.data_embedding(["", "  "])
+
+
+def _constant_embeddings(texts: list[str]) -> np.ndarray:
+    return np.full((len(texts), embed.MODEL_WIDTH), 1 / np.sqrt(embed.MODEL_WIDTH), dtype=np.float32)
+
+
+def test_a_damaged_cache_is_embedded_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "sentence_embeddings", _constant_embeddings)
+    texts = ["A private note about loans.", "Another one about rates."]
+    first = embed.data_embedding(texts, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("embedding-*.json")
+    cached.write_text("")  # a power loss after the rename, before its data reached the disk
+    embed._cache.clear()
+    assert embed.data_embedding(texts, cache_dir=tmp_path) == first
+    assert json.loads(cached.read_text()) == first
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(embed, "sentence_embeddings", _constant_embeddings)
+
+    def disk_full(path: Path, data: str, encoding: str | None = None) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    embed._cache.clear()
+    assert len(embed.data_embedding(["A private note."], cache_dir=tmp_path)) == EMBEDDING_DIM
+    assert not list(tmp_path.iterdir())

@@ -134,3 +134,14 @@ def test_score_stops_with_a_clear_error_when_the_last_window_is_too_large(
     assert result.exit_code == 2, result.output
     assert "bad_input" in result.output and "sequence 1 alone encodes to" in result.output
     assert "--max-tokens" in result.output  # how to fix
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_a_text_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path, suffix: str) -> None:
+    from deepfusion.edge.errors import ModelError
+    from deepfusion.edge.scoring import read_texts
+
+    path = tmp_path / f"private{suffix}"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(ModelError, match=f"{path.name} is not UTF-8 text"):
+        list(read_texts(path))

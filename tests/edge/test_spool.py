@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from deepfusion.edge import spool as spool_module
 from deepfusion.edge.spool import Spool, SpoolFull
 
 
@@ -158,3 +161,56 @@ def test_bytes_acked_lazily_and_added_again_stay_readable(tmp_path: Path) -> Non
     reopened = Spool(tmp_path, max_bytes=10_000)
     assert [e.digest for e in reopened.pending()] == [digest] and reopened.read(digest) == _packet(1)
     assert reopened.cursor("1/s/0") == 8 and reopened.used_bytes == 100
+
+
+def test_a_packet_larger_than_the_bound_goes_alone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=100)
+    assert spool.wait_for_room(300, timeout=0.05)  # an empty spool waits for nothing
+    first = spool.add(_packet(1, 300), round=0)
+    with pytest.raises(SpoolFull):
+        spool.add(_packet(2, 300), round=0)
+    assert not spool.wait_for_room(300, timeout=0.05)
+    spool.ack(first)
+    assert spool.wait_for_room(300, timeout=0.05)
+    spool.add(_packet(2, 300), round=0)
+    assert spool.used_bytes == 300 and len(spool) == 1
+
+
+def test_a_full_disk_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000)
+    kept = spool.add(_packet(1), round=1, cursor=("1/s/0", 1))
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)  # the packet's bytes are written, then the disk is full
+    with pytest.raises(OSError, match="No space left"):
+        spool.add(_packet(2), round=1, cursor=("1/s/0", 2))
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "packets").iterdir()) == [f"{kept}.dfk"]
+    assert not list(tmp_path.glob("*.partial"))
+    assert [e.digest for e in spool.pending()] == [kept] and spool.cursor("1/s/0") == 1
+    again = Spool(tmp_path, max_bytes=10_000)
+    assert [e.digest for e in again.pending()] == [kept] and again.cursor("1/s/0") == 1
+
+
+def test_acks_free_a_disk_that_the_spool_filled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000)  # a bound above the disk's free space
+    digests = [spool.add(_packet(i), round=1, cursor=("1/s/0", i + 1)) for i in range(5)]
+    capacity = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())  # now the disk is full
+    write = spool_module._write_durably
+
+    def small_disk(path: Path, data: bytes) -> None:
+        used = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+        if used + len(data) > capacity:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(spool_module, "_write_durably", small_disk)
+    for digest in digests:
+        assert spool.ack(digest, flush=False)
+    assert spool.flush()  # the acked packets make room for the index that drops them
+    assert not list((tmp_path / "packets").iterdir())
+    spool.add(_packet(7), round=1, cursor=("1/s/0", 6))
+    reopened = Spool(tmp_path, max_bytes=10_000)
+    assert len(reopened) == 1 and reopened.cursor("1/s/0") == 6

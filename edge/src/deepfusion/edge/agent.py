@@ -150,7 +150,10 @@ class Agent:
         self.config = config
         self.device = config.device.id
         self.federation = config.device.federation
-        self.spool = Spool(config.spool.dir, config.spool.max_bytes)
+        try:
+            self.spool = Spool(config.spool.dir, config.spool.max_bytes)
+        except OSError as exc:  # not writable, not a folder, a full disk: a setup problem, not a crash
+            raise ConfigError(f"spool.dir {config.spool.dir} cannot be used: {exc}") from None
         self._client: MqttClient | None = None
         self._cond = threading.Condition()
         self._spec: RoundSpec | None = None
@@ -159,6 +162,7 @@ class Agent:
         self._status: dict[str, Any] = {"state": DeviceState.ONLINE}
         self._status_sent = 0.0
         self._full_warned = False
+        self._flush_failed = False  # the last index write of the Acks failed (logged once)
         self.backend: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
@@ -208,7 +212,7 @@ class Agent:
             finally:
                 self._closing.set()
                 uplink.join(timeout=30)
-                self.spool.flush()
+                self._flush_acks()
                 self._say_offline(client)
                 client.close()
         finally:
@@ -270,11 +274,14 @@ class Agent:
             raise ConfigError("set data.private (the private corpus) or data.embedding (a precomputed e_n)")
         from deepfusion.edge.embed import EmbeddingUnavailable, data_embedding
 
+        texts = list(read_texts(data.private))
+        if not any(text.strip() for text in texts):
+            raise ConfigError(f"data.private {data.private} holds no text to compute the data embedding from")
         started = time.perf_counter()
         try:
             with _LOAD_LOCK:  # MiniLM loads through transformers too (see `run`)
                 values = data_embedding(
-                    list(read_texts(data.private)),
+                    texts,
                     max_texts=data.embedding_max_texts,
                     cache_dir=self.config.device.state_dir / "embeddings",
                 )
@@ -327,6 +334,11 @@ class Agent:
                 # The retained copy again after a reconnect, or the round re-announced with freshly
                 # presigned shard URLs: keep the work going, fetch with the newest URLs.
                 self._spec = spec
+                return
+            if current is not None and spec.round < current.round and spec.opened_at < current.opened_at:
+                # An older round handed over late (a QoS 1 redelivery after a reconnect, or a persistent
+                # session's queue): following it would cancel the current round and drop its cursors.
+                log.info("ignored the RoundSpec of round %d: round %d is newer", spec.round, current.round)
                 return
             self._spec = spec
             self._generation += 1
@@ -389,9 +401,27 @@ class Agent:
             self._publish_status()
             if time.monotonic() - flushed >= ACK_FLUSH_S:
                 flushed = time.monotonic()
-                self.spool.flush()
+                self._flush_acks()
             self.spool.wait_for_change(min(0.5, resend_s / 4))
-        self.spool.flush()
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Write the Acks received to the spool index; a failed write (a full disk) is logged, not raised.
+
+        The uplink must outlive a full disk: the Acks stay in memory and reach the disk with the next
+        index write that succeeds (until then a restart publishes those packets again, and ingest
+        deduplicates them).
+        """
+        try:
+            self.spool.flush()
+        except OSError as exc:
+            if not self._flush_failed:
+                log.warning("cannot write the spool index: %s; Acks are kept in memory until it can", exc)
+            self._flush_failed = True
+            return
+        if self._flush_failed:
+            log.info("spool index written again")
+            self._flush_failed = False
 
     # -- rounds ----------------------------------------------------------------------------------------
 
@@ -615,6 +645,7 @@ class Agent:
                 self.spool.add(data, round=round_id, cursor=cursor)
                 if self._full_warned:
                     log.info("spool has room again; scoring resumes")
+                    self._publish_status(force=True, detail="")  # the fleet's view must not stay "full"
                     self._full_warned = False
                 return
             except SpoolFull as exc:

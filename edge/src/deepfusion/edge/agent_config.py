@@ -69,9 +69,14 @@ class DataSection(Section):
     embedding_max_texts: int | None = Field(
         512, ge=1, description="Embed a seeded sample of this many texts (the mean is stable long before)."
     )
-    embedding: Annotated[list[int], Field(min_length=EMBEDDING_DIM, max_length=EMBEDDING_DIM)] | None = Field(
-        None, description="A precomputed e_n (devices without torch); overrides `private`."
-    )
+    # int8 like the card's: a value out of range would only fail at join, after the model has loaded.
+    embedding: (
+        Annotated[
+            list[Annotated[int, Field(ge=-128, le=127)]],
+            Field(min_length=EMBEDDING_DIM, max_length=EMBEDDING_DIM),
+        ]
+        | None
+    ) = Field(None, description="A precomputed e_n (devices without torch); overrides `private`.")
 
 
 class SpoolSection(Section):

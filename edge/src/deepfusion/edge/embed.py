@@ -24,8 +24,10 @@ Needs torch and transformers (the `[train]` extra) and the model package (the `[
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -55,6 +57,8 @@ MODEL_WIDTH = 384  # all-MiniLM-L6-v2's sentence embedding width
 MAX_TOKENS = 256  # the model's max_seq_length in sentence-transformers
 PROJECTION_SEED = 260_214_301  # published: changing it changes every device's embedding
 BATCH = 16
+
+log = logging.getLogger(__name__)
 
 _cache: dict[str, list[int]] = {}
 _cache_lock = threading.Lock()
@@ -170,7 +174,11 @@ def data_embedding(
             return list(_cache[key])
     cache_file = Path(cache_dir) / f"embedding-{key}.json" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
-        values = json.loads(cache_file.read_text(encoding="utf-8"))
+        try:
+            values = json.loads(cache_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # e.g. emptied by a power loss: embed again, never fail
+            log.warning("embedding cache %s is unreadable (%s); embedding the corpus again", cache_file, exc)
+            values = None
         if isinstance(values, list) and len(values) == EMBEDDING_DIM:
             with _cache_lock:
                 _cache[key] = [int(v) for v in values]
@@ -180,8 +188,13 @@ def data_embedding(
     with _cache_lock:
         _cache[key] = values
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
         partial = cache_file.with_name(cache_file.name + ".partial")
-        partial.write_text(json.dumps(values), encoding="utf-8")
-        partial.replace(cache_file)
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(values), encoding="utf-8")
+            partial.replace(cache_file)
+        except OSError as exc:  # a cache that cannot be written (full disk, read-only) costs time only
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            log.warning("embedding not cached at %s: %s", cache_file, exc)
     return list(values)

@@ -9,10 +9,12 @@ the shard again; a cached file is checked again before use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -65,6 +67,20 @@ def decode_shard(body: bytes) -> list[str]:
         raise FetchError(f"not a JSONL.zst shard: {exc}") from None
 
 
+def _keep_in_cache(cached: Path, body: bytes) -> None:
+    """Cache checked bytes; a cache that cannot be written (a full disk) costs a download, not the round."""
+    # One name per thread: agents hosted in one process may share a state_dir and fetch the same shard.
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}-{threading.get_ident()}.partial")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(body)
+        partial.replace(cached)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # e.g. the cache folder could not be made
+            partial.unlink(missing_ok=True)
+        log.warning("shard not cached at %s: %s", cached, exc)
+
+
 def fetch_shard(ref: ShardRef, cache_dir: Path | None = None, timeout: float = 60.0) -> list[str]:
     """Download (or find in the cache), verify and decode one shard."""
     cached = cache_dir / f"{ref.sha256}.jsonl.zst" if cache_dir is not None else None
@@ -83,10 +99,7 @@ def fetch_shard(ref: ShardRef, cache_dir: Path | None = None, timeout: float = 6
                 "(damaged download or a changed object)"
             )
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_name(cached.name + f".{os.getpid()}.partial")
-            partial.write_bytes(body)
-            partial.replace(cached)
+            _keep_in_cache(cached, body)
     texts = decode_shard(body)
     if len(texts) != ref.sequences:
         raise FetchError(f"shard {ref.shard} has {len(texts)} texts; the RoundSpec says {ref.sequences}")

@@ -77,32 +77,37 @@ def read_texts(path: Path) -> Iterator[str]:
     """Texts of a `.jsonl` file (field "text" of each line) or a plain-text file (blank-line paragraphs)."""
     if not path.is_file():
         raise ModelError(ErrorCode.BAD_INPUT, f"{path} is not a file", "pass a .jsonl or text file")
-    if path.suffix == ".jsonl":
+    try:
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise ModelError(
+                            ErrorCode.BAD_INPUT,
+                            f"{path}:{number} is not a JSON object with a 'text' field",
+                            'write one {"text": ...} object per line',
+                        ) from None
+                    if text:
+                        yield str(text)
+            return
+        paragraph: list[str] = []
         with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError):
-                    raise ModelError(
-                        ErrorCode.BAD_INPUT,
-                        f"{path}:{number} is not a JSON object with a 'text' field",
-                        'write one {"text": ...} object per line',
-                    ) from None
-                if text:
-                    yield str(text)
-        return
-    paragraph: list[str] = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                paragraph.append(line.rstrip("\n"))
-            elif paragraph:
-                yield "\n".join(paragraph)
-                paragraph = []
-    if paragraph:
-        yield "\n".join(paragraph)
+            for line in handle:
+                if line.strip():
+                    paragraph.append(line.rstrip("\n"))
+                elif paragraph:
+                    yield "\n".join(paragraph)
+                    paragraph = []
+        if paragraph:
+            yield "\n".join(paragraph)
+    except UnicodeDecodeError as exc:  # a traceback would not say which file is at fault
+        raise ModelError(
+            ErrorCode.BAD_INPUT, f"{path} is not UTF-8 text ({exc.reason})", "save it as UTF-8"
+        ) from None
 
 
 def windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, batch: int = 64) -> Iterator[Window]:

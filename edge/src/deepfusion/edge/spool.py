@@ -20,13 +20,18 @@ An acknowledgement may be recorded lazily (`ack(..., flush=False)`): the packet 
 in memory, and its removal reaches the disk with the next index write (`flush`, or the next `add`). Its
 file is deleted only after an index without it is on disk, so a crash in between loses nothing: the
 packet is published again after the restart, and ingest, which deduplicates by sha256, acks it again.
+On a full disk the acknowledged files go first (the new index needs their room); a crash before the
+index is written then drops them as missing, and their sequences are scored again.
 
 The spool is bounded: `add` raises `SpoolFull` when a packet would take it past `max_bytes`, and the
-caller pauses scoring until acknowledgements make room.
+caller pauses scoring until acknowledgements make room. An empty spool takes any packet, so a bound below
+one packet (the RoundSpec sets the packet budget, the device its bound) sends one packet at a time
+instead of waiting for room that never comes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -82,11 +87,15 @@ def _fsync_directory(directory: Path) -> None:
 def _write_durably(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that after a crash `path` holds either the old or the new content."""
     partial = path.with_name(path.name + _TEMP)
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk must not keep what was written of it
+        raise
     _fsync_directory(path.parent)
 
 
@@ -148,14 +157,14 @@ class Spool:
     def add(self, data: bytes, *, round: int, cursor: tuple[str, int] | None = None) -> str:
         """Store one packet durably (and a scoring cursor in the same index update); its sha256.
 
-        Raises `SpoolFull` when it would take the spool past its bound (nothing is stored then).
+        Raises `SpoolFull` when it would take a non-empty spool past its bound (nothing is stored then).
         Adding bytes that are already spooled only updates the cursor. Bytes acknowledged before are
         spooled again, like new ones: they are published again, and ingest acks the duplicate.
         """
         digest = hashlib.sha256(data).hexdigest()
         with self._cond:
             if digest not in self._entries:
-                if self._used + len(data) > self.max_bytes:
+                if not self._fits(len(data)):
                     raise SpoolFull(len(data), self._used, self.max_bytes)
                 _write_durably(self._packets / f"{digest}{_SUFFIX}", data)
                 self._acked.discard(digest)  # acked before: its file must outlive the next index write
@@ -218,7 +227,7 @@ class Spool:
     def wait_for_room(self, size: int, timeout: float) -> bool:
         """Block until a packet of `size` bytes fits (True) or `timeout` seconds passed (False)."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._used + size <= self.max_bytes, timeout)
+            return self._cond.wait_for(lambda: self._fits(size), timeout)
 
     def wait_for_change(self, timeout: float) -> None:
         """Block until a packet is added or removed, or `timeout` seconds passed."""
@@ -231,6 +240,10 @@ class Spool:
             return self._cond.wait_for(lambda: not self._entries, timeout)
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _fits(self, size: int) -> bool:
+        # An empty spool takes any packet: one larger than the bound would otherwise never fit.
+        return not self._entries or self._used + size <= self.max_bytes
 
     def _remove(self, digest: str, flush: bool) -> bool:
         with self._cond:
@@ -251,11 +264,25 @@ class Spool:
             "packets": [[e.digest, e.round, e.size] for e in self._entries.values()],
             "cursors": self._cursors,
         }
-        _write_durably(self.directory / INDEX, json.dumps(index, separators=(",", ":")).encode())
+        data = json.dumps(index, separators=(",", ":")).encode()
+        try:
+            _write_durably(self.directory / INDEX, data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._acked:
+                raise
+            # The spool may have filled the disk itself: the index that drops the acknowledged packets
+            # can be written only once their files are gone. A crash before it is finds them missing;
+            # they are dropped and their sequences scored again (published twice, never lost). They stay
+            # in `_acked` until an index without them is written, so `flush` keeps trying.
+            self._unlink_acked()
+            _write_durably(self.directory / INDEX, data)
         # The index first: a crash between the two leaves an orphan file, deleted at the next start.
+        self._unlink_acked()
+        self._acked.clear()
+
+    def _unlink_acked(self) -> None:
         for digest in self._acked:
             (self._packets / f"{digest}{_SUFFIX}").unlink(missing_ok=True)
-        self._acked.clear()
 
     def _recover(self) -> None:
         path = self.directory / INDEX
