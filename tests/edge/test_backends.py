@@ -172,3 +172,18 @@ def test_other_families_export_exactly(
         with load_backend("onnxruntime", onnx_dir, threads=1) as backend:
             measured = agreement(reference, backend.score(windows, top_k=4 * TOP_K), TOP_K)
         assert measured.top1 == 1.0 and measured.nll_gap < 1e-4, measured
+
+
+@pytest.mark.parametrize("kind", ["torch", "onnxruntime"])
+def test_close_releases_the_model(kind: str, tiny_llama: Path, onnx_exports: dict[str, Path]) -> None:
+    """A closed backend that is still referenced (an agent keeps its own) holds no runtime any more."""
+    import gc
+    import weakref
+
+    path = tiny_llama if kind == "torch" else onnx_exports["fp32"]
+    backend = load_backend(kind, path, threads=1)
+    runtime = weakref.ref(backend.model if kind == "torch" else backend.session)  # type: ignore[attr-defined]
+    backend.score([np.arange(1, 9)], top_k=2)
+    backend.close()
+    gc.collect()
+    assert runtime() is None

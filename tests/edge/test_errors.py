@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -169,3 +170,65 @@ def test_help_works_without_runtimes() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _damage_config_not_json(model: Path) -> None:
+    (model / "config.json").write_text('{"model_type": "llama", ')  # cut short in transit
+
+
+def _damage_config_not_an_object(model: Path) -> None:
+    (model / "config.json").write_text("[]")
+
+
+def _damage_weights_truncated(model: Path) -> None:
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(
+    "damage", [_damage_config_not_json, _damage_config_not_an_object, _damage_weights_truncated]
+)
+def test_a_damaged_checkpoint_is_a_corrupt_model(damage: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_llama, tmp_path / "m")
+    damage(model)
+    result = runner.invoke(app, ["info", str(model)])
+    assert result.exit_code == 2 and "corrupt_model" in result.output, result.output
+    with pytest.raises(ModelError) as caught:
+        load_backend("torch", model)
+    assert caught.value.code is ErrorCode.CORRUPT_MODEL
+
+
+@pytest.mark.parametrize("manifest", ['{"format": "onnx", "quantization": "int8"}', "[]", '{"shape": {}}'])
+def test_a_foreign_export_manifest_is_a_corrupt_model(manifest: str, tmp_path: Path) -> None:
+    from deepfusion.edge.modelinfo import EXPORT_MANIFEST
+
+    (tmp_path / EXPORT_MANIFEST).write_text(manifest)
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and "corrupt_model" in result.output, result.output
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ModelError) as caught:
+        load_backend("onnxruntime", tmp_path)
+    assert caught.value.code is ErrorCode.CORRUPT_MODEL
+
+
+def test_a_sequence_longer_than_the_context_is_bad_input(random_models: dict[str, Path]) -> None:
+    """GPT-2's learned positions have no row past n_positions: a clear error, not an IndexError."""
+    with load_backend("torch", random_models["tiny-gpt2"], threads=1) as backend:
+        context = backend.shape.context
+        with pytest.raises(ModelError) as caught:
+            backend.score([np.zeros(context + 1, dtype=np.int64)], top_k=4)
+    assert caught.value.code is ErrorCode.BAD_INPUT and f"context of {context}" in caught.value.message
+
+
+def test_finetune_help_names_the_qlora_extra() -> None:
+    result = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "the [qlora] extra" in result.output, result.output
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "gguf"])
+def test_an_export_into_the_checkpoint_folder_is_refused(fmt: str, tiny_llama: Path, tmp_path: Path) -> None:
+    model = _copy(tiny_llama, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    result = runner.invoke(app, ["export", str(model), "--format", fmt, "-o", str(model / ".")])
+    assert result.exit_code == 2 and "bad_input" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # nothing written, nothing lost

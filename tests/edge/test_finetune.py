@@ -151,3 +151,14 @@ def test_a_fresh_run_deletes_the_checkpoints_of_an_earlier_run(
     assert not old.exists()
     assert _latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"  # what --resume takes
     assert any("earlier run" in r.getMessage() for r in caplog.records)
+
+
+def test_a_large_validation_fraction_leaves_a_block_to_train_on(tiny_llama: Path, tmp_path: Path) -> None:
+    """Two blocks and --val-fraction 0.9: one is held out, the other trained on (not a crash)."""
+    data = tmp_path / "d.txt"
+    data.write_text("some private text about ledgers " * 12)  # about 100 tokens: two blocks of 32
+    args = ["finetune", str(tiny_llama), "-d", str(data), "-o", str(tmp_path / "r"), "--steps", "1"]
+    result = runner.invoke(app, [*args, "--max-tokens", "32", "--val-fraction", "0.9", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert np.isfinite(report["train_loss_first"]) and np.isfinite(report["val_loss_after"])

@@ -93,3 +93,18 @@ def test_smollm2_int8_export_stays_close_to_float32(
     mean_gap = float(np.mean([got.nll - ref.nll for ref, got in zip(reference, scores, strict=True)]))
     print(f"SmolLM2-135M onnx-int8 vs torch fp32: {measured}, mean NLL gap {mean_gap:+.3f}")
     assert measured.top1 >= 0.75 and mean_gap <= 0.15, (measured, mean_gap)
+
+
+def test_an_export_without_forward_drops_an_earlier_forward_graph(
+    tmp_path: Path, tiny_llama: Path, onnx_exports: dict[str, Path]
+) -> None:
+    """`forward.onnx` left from an earlier export would be another model's graph under this one."""
+    import shutil
+
+    from deepfusion.edge.export.onnx import export_onnx
+
+    out = shutil.copytree(onnx_exports["fp32"], tmp_path / "again")
+    assert (out / "forward.onnx").is_file()
+    export_onnx(tiny_llama, out, quant="int8")
+    assert not (out / "forward.onnx").exists() and not (out / "forward.onnx.data").exists()
+    assert (out / "model.onnx").is_file()

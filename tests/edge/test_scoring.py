@@ -145,3 +145,20 @@ def test_a_text_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path, suffix: s
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
     with pytest.raises(ModelError, match=f"{path.name} is not UTF-8 text"):
         list(read_texts(path))
+
+
+def test_inspect_prints_file_names_as_they_are(tmp_path: Path) -> None:
+    """A "[" in a file name is text, not a rich style tag that vanishes or stops the command."""
+    from deepfusion.shared.packets import encode
+    from tests.shared.packet_factory import make_packet
+
+    folder = tmp_path / "["
+    folder.mkdir()
+    good, bad = folder / "good].dfk", folder / "bad].dfk"  # paths ".../[/good].dfk", ".../[/bad].dfk"
+    payload = encode(make_packet(seed=9))
+    good.write_bytes(payload)
+    bad.write_bytes(payload[:-5])
+    result = runner.invoke(app, ["inspect", str(good)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0 and str(good) in result.output, result.output
+    result = runner.invoke(app, ["inspect", str(bad)], env={"COLUMNS": "400"})
+    assert result.exit_code == 1 and f"refused {bad}: corrupt_compression" in result.output, result.output

@@ -4,11 +4,12 @@
 
 Data: the texts of a `.jsonl` ("text" fields) or plain-text file, tokenized with the model's tokenizer,
 joined with the end-of-text token and cut into blocks of `max_tokens`; a seeded `val_fraction` of the
-blocks (at least one) is held out for the validation loss. Training: AdamW on the LoRA weights only
-(every linear layer but the LM head), linear warm-up then constant, gradient accumulation, gradient
-clipping at 1.0; bf16 autocast where the hardware supports it (CUDA with bf16); optionally a 4-bit NF4
-base (QLoRA, the `qlora` extra: bitsandbytes), on CUDA or on the CPU (bitsandbytes >= 0.46 runs 4-bit
-layers on the CPU too, which is how the tests check this path); the LoRA weights stay float32.
+blocks (at least one, and never all of them) is held out for the validation loss. Training: AdamW on
+the LoRA weights only (every linear layer but the LM head), linear warm-up then constant, gradient
+accumulation, gradient clipping at 1.0; bf16 autocast where the hardware supports it (CUDA with
+bf16); optionally a 4-bit NF4 base (QLoRA, the `qlora` extra: bitsandbytes), on CUDA or on the CPU
+(bitsandbytes >= 0.46 runs 4-bit layers on the CPU too, which is how the tests check this path); the
+LoRA weights stay float32.
 
 The output directory holds `checkpoints/step-N/` (adapter, optimizer and RNG state; `--resume` picks
 the newest; a run without it first deletes those of an earlier run), `adapter/` (the final LoRA
@@ -267,7 +268,8 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
     tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
     blocks = _blocks(tokenizer, settings.data, settings.max_tokens)
     order = np.random.default_rng(settings.seed).permutation(len(blocks))
-    n_val = max(1, round(len(blocks) * settings.val_fraction))
+    # At least one block on each side: a few blocks and a large fraction would leave none to train on.
+    n_val = min(max(1, round(len(blocks) * settings.val_fraction)), len(blocks) - 1)
     val, train = blocks[order[:n_val]], blocks[order[n_val:]]
 
     model = _load_base(settings, device, precision, torch)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from deepfusion.shared.packets import PacketError, decode, sentinel_for
@@ -43,13 +44,14 @@ def inspect(
             np.exp(np.where(real, packet.topk_logprobs.astype(np.float32), -np.inf)).sum(axis=1).mean()
         )
         features = "x".join(map(str, packet.features.shape[1:])) if packet.features is not None else "none"
-        table.add_row(
-            str(path), h.device, str(h.round), h.shard, str(len(packet)), str(packet.num_tokens),
-            str(h.top_k), f"{mass:.3f}", features, f"{len(data) / packet.num_tokens:.1f}",
+        table.add_row(  # cells are rich markup: a "[" in a file name or an id must stay text
+            escape(str(path)), escape(h.device), str(h.round), escape(h.shard), str(len(packet)),
+            str(packet.num_tokens), str(h.top_k), f"{mass:.3f}", features,
+            f"{len(data) / packet.num_tokens:.1f}",
         )  # fmt: skip
     if table.row_count:
         console.print(table)
     for line in refusals:
-        console.print(f"[red]refused[/] {line}", highlight=False, soft_wrap=True)
+        console.print(f"[red]refused[/] {escape(line)}", highlight=False, soft_wrap=True)
     if refusals:
         raise typer.Exit(code=1)

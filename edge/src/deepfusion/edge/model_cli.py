@@ -74,7 +74,9 @@ def finetune(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     bf16: str = typer.Option("auto", help="auto (CUDA with bf16), on or off."),
     qlora: bool = typer.Option(
-        False, help="4-bit NF4 base: QLoRA (the [qlora] extra; CUDA, or the CPU with bitsandbytes >= 0.46)."
+        False,
+        # escaped: the help is rich markup, where "[qlora]" would be a style tag and vanish
+        help=escape("4-bit NF4 base: QLoRA (the [qlora] extra; CUDA, or the CPU with bitsandbytes >= 0.46)."),
     ),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output."),
     merge: bool = typer.Option(False, help="Also write merged/: a plain transformers checkpoint."),

@@ -22,9 +22,11 @@ from deepfusion.shared.fingerprint import tokenizer_fingerprint
 __all__ = [
     "EXPORT_MANIFEST",
     "ModelInfo",
+    "check_output_dir",
     "load_tokenizer",
     "model_info",
     "read_export_manifest",
+    "read_hf_config",
     "shape_from_hf_config",
     "tokenizer_path",
 ]
@@ -52,6 +54,26 @@ class ModelInfo:
         data = asdict(self)
         data["path"] = str(self.path)
         return data
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    """The `config.json` of a checkpoint directory, which must hold one JSON object."""
+    path = model_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise ModelError(
+            ErrorCode.CORRUPT_MODEL,
+            f"{path} is unreadable ({type(exc).__name__}: {exc})",
+            "copy the checkpoint again, or save it anew with save_pretrained",
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelError(
+            ErrorCode.CORRUPT_MODEL,
+            f"{path} holds a JSON {type(config).__name__}, not an object",
+            "copy the checkpoint again, or save it anew with save_pretrained",
+        )
+    return config
 
 
 def shape_from_hf_config(config: dict[str, Any]) -> ModelShape:
@@ -84,7 +106,7 @@ def checkpoint_config(model_dir: Path, families: tuple[str, ...], target: str, h
         raise ModelError(
             ErrorCode.BAD_INPUT, f"{model_dir} has no config.json", "pass a transformers checkpoint directory"
         )
-    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text())
+    config = read_hf_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in families:
         raise ModelError(
@@ -94,6 +116,18 @@ def checkpoint_config(model_dir: Path, families: tuple[str, ...], target: str, h
         )
     tokenizer_path(model_dir)
     return config
+
+
+def check_output_dir(model_dir: Path, output_dir: Path) -> None:
+    """An export goes to a folder of its own: written into the checkpoint, its files would overwrite or
+    mix with the checkpoint's (config.json, tokenizer.json, the weights), and the folder's format
+    (`model_info`) would change under it."""
+    if output_dir.resolve() == model_dir.resolve():
+        raise ModelError(
+            ErrorCode.BAD_INPUT,
+            f"the output folder {output_dir} is the checkpoint folder itself",
+            "choose another --output folder",
+        )
 
 
 def tokenizer_path(model_path: Path) -> Path:
@@ -124,12 +158,17 @@ def load_tokenizer(model_path: Path) -> Any:
 
 
 def read_export_manifest(directory: Path) -> dict[str, Any]:
+    """The export's manifest, checked for the fields its readers use (a foreign or truncated one fails)."""
     try:
-        return json.loads((directory / EXPORT_MANIFEST).read_text())
-    except (OSError, ValueError) as exc:
+        manifest: dict[str, Any] = json.loads((directory / EXPORT_MANIFEST).read_text())
+        ModelShape(**manifest["shape"])
+        int(manifest["hidden_states"])
+        str(manifest["quantization"])
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelError(
             ErrorCode.CORRUPT_MODEL,
-            f"{directory} has no readable {EXPORT_MANIFEST}: {exc}",
+            f"{directory} has no readable {EXPORT_MANIFEST}: {type(exc).__name__}: {exc}",
             "export the model again with `deepfusion-edge export --format onnx`",
         ) from None
 
@@ -210,7 +249,7 @@ def model_info(model_path: str | Path) -> ModelInfo:
             ("onnxruntime",),
         )
     elif (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
+        config = read_hf_config(path)
         shape = shape_from_hf_config(config)
         fmt, params, backends = "hf", _count_parameters(path), ("torch",)
         quant = str(config.get("torch_dtype") or config.get("dtype") or "float32")
@@ -229,15 +268,22 @@ def _count_parameters(directory: Path) -> int | None:
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     total = 0
     for file in files:
-        with safe_open(str(file), framework="numpy") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                shape = handle.get_slice(name).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    shape = handle.get_slice(name).get_shape()
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    total += count
+        except (OSError, SafetensorError) as exc:  # a truncated or foreign file
+            raise ModelError(
+                ErrorCode.CORRUPT_MODEL,
+                f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc})",
+                "copy the checkpoint again, or save it anew with save_pretrained",
+            ) from None
     return total

@@ -122,7 +122,8 @@ class Backend(ABC):
         self.close()
 
     def check_sequences(self, sequences: Sequence[np.ndarray], top_k: int) -> list[np.ndarray]:
-        """Common input checks: non-empty 1-D ids below the vocabulary size, k within it."""
+        """Common input checks: non-empty 1-D ids below the vocabulary size, within the context; k within
+        the vocabulary."""
         if not 1 <= top_k <= self.shape.vocab_size:
             raise ModelError(
                 ErrorCode.BAD_INPUT,
@@ -134,6 +135,12 @@ class Backend(ABC):
             ids = np.asarray(ids, dtype=np.int64)
             if ids.ndim != 1 or len(ids) == 0:
                 raise ModelError(ErrorCode.BAD_INPUT, "a sequence is empty or not 1-D", "pass 1-D id arrays")
+            if len(ids) > self.shape.context:  # learned positions (GPT-2) have no row for the rest
+                raise ModelError(
+                    ErrorCode.BAD_INPUT,
+                    f"a sequence of {len(ids)} tokens exceeds the context of {self.shape.context}",
+                    "score shorter windows (--max-tokens)",
+                )
             if int(ids.min()) < 0 or int(ids.max()) >= self.shape.vocab_size:
                 raise ModelError(
                     ErrorCode.VOCAB_MISMATCH,

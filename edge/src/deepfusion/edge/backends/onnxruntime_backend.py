@@ -72,6 +72,12 @@ class OnnxBackend(Backend):
         self._inputs = {i.name for i in self.session.get_inputs()}
         self._forward_session: Any = None
 
+    def close(self) -> None:
+        # The sessions hold the weights and ONNX Runtime's memory arenas for as long as they are
+        # referenced, and a closed backend may stay referenced (an agent keeps its own).
+        self.session = None
+        self._forward_session = None
+
     def _feeds(self, sequences: Sequence[np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         ids, mask = pad_batch(sequences)
         width = ids.shape[1]

@@ -6,7 +6,6 @@ and hidden states where they are made; only [n, k] rows and [J, P, W] features r
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 from deepfusion.edge.backends import Backend, Capabilities, SequenceScore, micro_batches, pad_batch
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
-from deepfusion.edge.modelinfo import shape_from_hf_config
+from deepfusion.edge.modelinfo import read_hf_config, shape_from_hf_config
 
 __all__ = ["TorchBackend", "open_backend"]
 
@@ -42,14 +41,15 @@ class TorchBackend(Backend):
     ) -> None:
         self.torch = require("torch")
         transformers = require("transformers")
+        from safetensors import SafetensorError  # installed with transformers
+
         if threads:
             self.torch.set_num_threads(threads)
         if not (path / "config.json").is_file():
             raise ModelError(
                 ErrorCode.BAD_INPUT, f"{path} has no config.json", "pass a transformers checkpoint directory"
             )
-        config = json.loads((path / "config.json").read_text())
-        self.shape = shape_from_hf_config(config)
+        self.shape = shape_from_hf_config(read_hf_config(path))
         if self.shape.architecture not in SUPPORTED:
             raise ModelError(
                 ErrorCode.UNSUPPORTED_ARCHITECTURE,
@@ -57,13 +57,25 @@ class TorchBackend(Backend):
                 f"use a causal LM of one of these families: {', '.join(SUPPORTED)}",
             )
         if model is None:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(self.torch, dtype))
+            try:
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    path, dtype=getattr(self.torch, dtype)
+                )
+            except (OSError, ValueError, SafetensorError) as exc:  # missing or damaged weights
+                raise ModelError(
+                    ErrorCode.CORRUPT_MODEL,
+                    f"transformers cannot load {path} ({type(exc).__name__}: {exc})",
+                    "copy the checkpoint again, or save it anew with save_pretrained",
+                ) from None
         self.model = model.to(device).eval()
         self.device = device
         self.batch_tokens = batch_tokens
         self.capabilities = Capabilities(
             name=self.name, hidden_states=tuple(range(self.shape.num_layers + 1)), quantization=dtype
         )
+
+    def close(self) -> None:
+        self.model = None  # the weights go with the last reference, and a closed backend may stay referenced
 
     def _pad(self, sequences: Sequence[np.ndarray]) -> tuple[Any, Any, int]:
         torch = self.torch

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
-from deepfusion.edge.modelinfo import checkpoint_config, read_gguf, tokenizer_path
+from deepfusion.edge.modelinfo import check_output_dir, checkpoint_config, read_gguf, tokenizer_path
 
 __all__ = ["GGUF_FAMILIES", "GgufQuant", "converter_dir", "export_gguf", "gguf_vocab_check"]
 
@@ -173,6 +173,7 @@ def export_gguf(
             ErrorCode.BAD_INPUT, f"unknown GGUF quantization {quant!r}", "use f16, q8_0 or q4_k_m"
         )
     _check_source(model_dir)
+    check_output_dir(model_dir, output_dir)
     vendor = converter_dir(cache_root)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"model.{quant}.gguf"

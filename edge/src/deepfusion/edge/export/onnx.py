@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
-from deepfusion.edge.modelinfo import EXPORT_MANIFEST, checkpoint_config, shape_from_hf_config
+from deepfusion.edge.modelinfo import (
+    EXPORT_MANIFEST,
+    check_output_dir,
+    checkpoint_config,
+    shape_from_hf_config,
+)
 
 __all__ = ["ONNX_FAMILIES", "OnnxQuant", "down_projections", "export_onnx"]
 
@@ -221,6 +226,7 @@ def export_onnx(
     config = checkpoint_config(
         model_dir, ONNX_FAMILIES, "ONNX", "use the torch backend, or the GGUF export for Llama/Qwen2 models"
     )
+    check_output_dir(model_dir, output_dir)
     shape = shape_from_hf_config(config)
     onnx = require("onnx")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -255,6 +261,9 @@ def export_onnx(
         model = onnx.load(str(raw))
         if keep_forward:
             _save(_logits_only(onnx.load(str(raw))), output_dir / "forward.onnx")
+        else:  # an earlier export's, which the backend's forward() would run in place of this model
+            for stale in ("forward.onnx", "forward.onnx.data"):
+                (output_dir / stale).unlink(missing_ok=True)
         _save(_add_scoring_head(model, shape.num_layers, last_hidden), output_dir / "model.onnx")
     for name in _TOKENIZER_FILES:
         if (model_dir / name).is_file():
