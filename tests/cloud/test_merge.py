@@ -76,6 +76,20 @@ def test_bad_split_is_refused() -> None:
         merge_students_into_moe([_student(0)], MergeSpec(split=3))
 
 
+def test_qwen2_moe_refuses_a_head_width_it_cannot_hold_and_deepseek_takes_it() -> None:
+    """Qwen2-MoE's attention needs head_dim × heads = hidden_size; a Qwen2 student need not have it."""
+    config = get_preset("student-tiny").config(VOCAB, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    config.head_dim = 32  # hidden_size 192 / 4 heads would be 48
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="head_dim"):
+        merge_students_into_moe([student], MergeSpec(split=2))
+    moe = merge_students_into_moe([student], _deepseek(2))
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_release_loads_with_plain_transformers_and_generates(tmp_path: Path, shared: bool) -> None:
     moe = merge_students_into_moe([_student(0), _student(1)], MergeSpec(split=2, shared_expert=shared))

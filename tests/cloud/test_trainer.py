@@ -106,6 +106,34 @@ def test_a_sequence_sent_twice_by_one_device_is_one_loss_term(tmp_path: Path) ->
         assert rows == [("a", pytest.approx(0.5)), ("b", pytest.approx(0.5))], (seq, rows)
 
 
+def test_a_device_skipped_for_its_tokens_leaves_its_weight_to_the_others(tmp_path: Path) -> None:
+    """c tokenized sequence 0 differently: its row is dropped, and a and b still weigh 1 together."""
+
+    from deepfusion.shared.packets import SequenceKnowledge
+
+    vocab, n = 50, 6
+    rng = np.random.default_rng(0)
+
+    def knowledge(token_ids: np.ndarray) -> SequenceKnowledge:
+        top = np.stack([rng.permutation(vocab)[:4] for _ in range(n)])
+        return SequenceKnowledge(0, token_ids, np.zeros((n, 2)), top, np.full((n, 4), -1.7), 2.0)
+
+    store = open_store(str(tmp_path / "store"))
+    for device, token_ids in (("a", np.arange(n)), ("b", np.arange(n)), ("c", np.arange(n)[::-1].copy())):
+        put_sequences(store, device, [knowledge(token_ids)], vocab)
+    clusters = ClusterReport(
+        k=1,
+        assignment={"a": 0, "b": 0, "c": 0},
+        members={0: ["a", "b", "c"]},
+        sizes={0: 3},
+        silhouette=None,
+        centroids=[[1.0]],
+    )
+    (batch,) = cluster_batches(store, index_round(store, FED, ROUND, clusters), 0, tau=None)
+    rows = sorted((r.device, r.weight) for r in batch.rows)
+    assert rows == [("a", pytest.approx(0.5)), ("b", pytest.approx(0.5))]
+
+
 def test_phase_three_kl_shares_of_unequal_ranks_average_to_the_single_process_kl() -> None:
     """3 sequences over 2 ranks (2 + 1): FSDP averages the ranks' gradients, so the mean of the ranks'
     KL terms must be the global batch's KL, as the CE's is."""
@@ -264,6 +292,44 @@ def test_train_command_refuses_a_missing_or_foreign_base_with_a_message(tmp_path
     assert llama.exit_code == 2 and "LlamaForCausalLM" in llama.output and "Qwen2" in llama.output
 
 
+def test_train_command_reports_a_bad_config_or_store_without_a_traceback(tmp_path: Path) -> None:
+    cases = {
+        "does not exist": ["--config", str(tmp_path / "missing.toml")],
+        "expected KEY=VALUE": ["--set", "federation"],
+        "unsupported scheme": ["--set", 'store.uri="ftp://host/path"'],
+    }
+    for message, extra in cases.items():
+        result = CliRunner().invoke(
+            app, ["train", "--round", "0", "--base", str(tmp_path), "--no-publish", *extra]
+        )
+        assert result.exit_code == 2 and message in result.output, (extra, result.exception, result.output)
+
+
+def test_train_command_refuses_a_folder_without_a_tokenizer_with_a_message(tmp_path: Path) -> None:
+    """A student checkpoint without tokenizer files, and an empty --tokenizer folder: a message, not
+    transformers' TypeError or AttributeError."""
+    base = tmp_path / "base"
+    tiny_student(64).save_pretrained(base)
+    (tmp_path / "empty").mkdir()
+    settings = ["--no-publish", "--set", f'federation="{FED}"', "--set", f'store.uri="{tmp_path / "store"}"']
+    for option, extra in (("--base", []), ("--tokenizer", ["--tokenizer", str(tmp_path / "empty")])):
+        result = CliRunner().invoke(app, ["train", "--round", "0", "--base", str(base), *extra, *settings])
+        assert result.exit_code == 2 and option in result.output, (extra, result.exception, result.output)
+        assert "nothing AutoTokenizer can load" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_train_command_refuses_a_split_before_training(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """G = 0 (a ZeroDivisionError in the merge) or one that does not divide the FFN width is refused at
+    once, not after phase II: here the round is missing, which phase II would have reported first."""
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    args = _cli_args(str(tmp_path / "store"), base, tokenizer_dir, "none")
+    for split in ("0", "3"):
+        result = CliRunner().invoke(app, [*args, "--split", split])
+        assert result.exit_code == 2 and "--split" in result.output, (split, result.exception, result.output)
+    assert not (tmp_path / "store").exists() or not list(open_store(str(tmp_path / "store")).list(FED))
+
+
 def test_train_command_refuses_an_eval_set_without_windows_and_a_missing_round(
     tokenizer_dir: Path, tmp_path: Path
 ) -> None:
@@ -285,6 +351,25 @@ def test_train_command_refuses_a_bias_update_without_deepseek(round_store: str, 
     args = ["train", "--round", "0", "--base", str(tmp_path), "--bias-update", "0.01"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "deepseek_v3" in result.output
+
+
+def test_train_command_refuses_a_temperature_of_zero(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """T = 0 divides the logits by 0: every weight of the release would be NaN, written all the same."""
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).save_pretrained(base)
+    args = _cli_args(str(tmp_path / "store"), base, tokenizer_dir, "none")
+    for temperature in ("0", "-1"):
+        result = CliRunner().invoke(app, [*args, "--temperature", temperature])
+        assert result.exit_code == 2 and "--temperature" in result.output, (temperature, result.output)
+
+
+def test_train_command_refuses_a_batch_or_window_too_small_to_use(tmp_path: Path) -> None:
+    """Refused as the option's fault, not as an unreadable --eval file or a range() error mid-run."""
+    (tmp_path / "good.txt").write_text("The patients were seen in the clinic.\n")
+    args = ["train", "--round", "0", "--base", str(tmp_path), "--eval", f"medical={tmp_path / 'good.txt'}"]
+    for option, value in (("--batch-size", "0"), ("--eval-tokens", "0"), ("--eval-tokens", "1")):
+        result = CliRunner().invoke(app, [*args, option, value])
+        assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
 
 
 def test_train_command_applies_the_bias_update_to_a_deepseek_release(

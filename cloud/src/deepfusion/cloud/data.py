@@ -9,8 +9,8 @@ a small LRU cache, so a round larger than memory streams.
 
 Token positions: the student reads the teachers' own token ids, which requires every teacher of a
 round to share the federation tokenizer (the packets' fingerprint); devices whose tokens for a sequence
-disagree with the first scorer's are skipped for that sequence. Mapping positions by character offsets
-across different tokenizers is not implemented.
+disagree with the first scorer's are skipped for that sequence, and their teacher weight goes to the
+others. Mapping positions by character offsets across different tokenizers is not implemented.
 """
 
 from __future__ import annotations
@@ -270,21 +270,27 @@ def cluster_batches(
         tokens: list[np.ndarray] = []
         rows: list[TeacherRow] = []
         for r, key in chunk:
-            first: np.ndarray | None = None
+            kept: list[tuple[str, PacketHeader, SequenceKnowledge]] = []
             for packet_key, device, _ in index.sequences[key]:
                 header, known = cache.get(packet_key)
                 knowledge = known[key[2]]
-                if first is None:
-                    first = knowledge.token_ids
-                    tokens.append(first)
-                elif not np.array_equal(first, knowledge.token_ids):
+                if kept and not np.array_equal(kept[0][2].token_ids, knowledge.token_ids):
                     continue  # another tokenization of the text: positions would not line up
+                kept.append((device, header, knowledge))
+            tokens.append(kept[0][2].token_ids)
+            share = {device: float(weights[r, column[device]]) for device, _, _ in kept}
+            if len(kept) < len(index.sequences[key]):
+                # The skipped devices' weight goes to the kept ones: a sequence's rows weigh 1 together,
+                # or its KL would count less than the other sequences'.
+                total = sum(share.values())
+                share = {device: w / total if total > 0 else 0.0 for device, w in share.items()}
+            for device, header, knowledge in kept:
                 feats = _standardized(knowledge, header, stats)
                 rows.append(
                     TeacherRow(
                         seq=len(tokens) - 1,
                         device=device,
-                        weight=float(weights[r, column[device]]),
+                        weight=share[device],
                         topk_ids=torch.from_numpy(knowledge.topk_ids.astype(np.int64)),
                         topk_logprobs=torch.from_numpy(knowledge.topk_logprobs.astype(np.float32)),
                         features=feats,

@@ -101,7 +101,9 @@ class MergeSpec:
     shared_weight: float = 0.5
     """λ: the shared expert's share of the FFN output at a uniform router."""
     router_init_std: float = 1e-3
-    """Std of the new router's weights; 0 gives an exactly uniform router (ties broken by index)."""
+    """Std of the new router's weights; 0 gives an exactly uniform router. Which of its tied experts a
+    top-k picks is torch.topk's choice, not the lowest indices (of 6 tied experts top-2 takes 3 and 5),
+    so with several students split in G > 1 a token may get parts of different students' FFNs."""
     aux_loss_coef: float = 0.01
     """Weight of the load-balancing loss in the config (used when `output_router_logits=True`)."""
     architecture: Architecture = "qwen2_moe"
@@ -121,6 +123,12 @@ def _experts_and_top_k(student: Qwen2Config, num_students: int, spec: MergeSpec)
 def moe_config(student: Qwen2Config, num_students: int, spec: MergeSpec) -> Qwen2MoeConfig:
     """The Qwen2-MoE config whose routed experts are `spec.split` slices of each student's FFN."""
     experts, top_k = _experts_and_top_k(student, num_students, spec)
+    if _head_dim(student) * student.num_attention_heads != student.hidden_size:
+        # Qwen2-MoE's attention refuses any other head width; DeepSeek-V3's MLA holds it.
+        raise ValueError(
+            f"the Qwen2-MoE target needs head_dim × heads = hidden_size, got {_head_dim(student)} × "
+            f"{student.num_attention_heads} ≠ {student.hidden_size} (the deepseek_v3 target takes it)"
+        )
     return Qwen2MoeConfig(
         vocab_size=student.vocab_size,
         hidden_size=student.hidden_size,

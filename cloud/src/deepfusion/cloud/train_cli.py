@@ -29,6 +29,12 @@ def _load(auto: Any, directory: Path, option: str, **kwargs: Any) -> Any:
         return auto.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as exc:  # no or a broken checkpoint/tokenizer there
         raise typer.BadParameter(f"{directory}: {exc}", param_hint=option) from None
+    except (TypeError, AttributeError):
+        # A folder without any tokenizer file (a model checkpoint alone, or nothing) fails inside
+        # transformers with a message about its internals, not about the folder.
+        raise typer.BadParameter(
+            f"{directory}: nothing {auto.__name__} can load", param_hint=option
+        ) from None
 
 
 def _heldout_windows(tokenizer: Any, domain: str, path: Path, tokens: int) -> list[Any]:
@@ -56,7 +62,7 @@ def train(
     config: Path = typer.Option(None, "--config", help="Cloud config TOML."),
     overrides: list[str] = typer.Option([], "--set", help="Config override KEY=VALUE (repeatable)."),
     steps: int = typer.Option(300, help="Phase II steps per student."),
-    batch_size: int = typer.Option(8, help="Sequences per phase II step."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences per phase II step."),
     lr: float = typer.Option(1e-3, help="Phase II learning rate."),
     tune_steps: int = typer.Option(200, help="Phase III steps."),
     tune_lr: float = typer.Option(5e-4, help="Phase III learning rate."),
@@ -67,7 +73,7 @@ def train(
     beta: float = typer.Option(1.0, help="KL weight."),
     temperature: float = typer.Option(1.0, help="Distillation temperature T."),
     tau: float = typer.Option(0.2, help="Teacher-quality temperature; <= 0 gives equal weights."),
-    split: int = typer.Option(1, help="G: fine-grained experts per student FFN."),
+    split: int = typer.Option(1, min=1, help="G: fine-grained experts per student FFN."),
     architecture: str = typer.Option(
         "qwen2_moe", help="The release's MoE: qwen2_moe (Qwen2MoeForCausalLM) or deepseek_v3."
     ),
@@ -79,7 +85,8 @@ def train(
     eval_sets: list[str] = typer.Option(
         [], "--eval", help="DOMAIN=FILE (.jsonl or text): held-out test text measured on the release."
     ),
-    eval_tokens: int = typer.Option(128, help="Window length of the held-out evaluation."),
+    # A window of one token predicts nothing: below 2 every file would look empty or unreadable.
+    eval_tokens: int = typer.Option(128, min=2, help="Window length of the held-out evaluation."),
     publish: bool = typer.Option(True, help="Stream metrics on the trainer/metrics MQTT topic."),
     seed: int = typer.Option(0, help="Seed of the data order and the router init."),
     checkpoint_every: int = typer.Option(
@@ -114,14 +121,17 @@ def train(
     from deepfusion.cloud.settings import load_cloud_config
     from deepfusion.cloud.students import StudentSpec
     from deepfusion.cloud.trainer import TrainSpec, train_round
+    from deepfusion.shared.config import ConfigError
     from deepfusion.shared.messages import Metrics, encode_message
     from deepfusion.shared.mqtt import MqttClient, MqttError
-    from deepfusion.shared.store import open_store
+    from deepfusion.shared.store import StoreError, open_store
     from deepfusion.shared.topics import metrics_topic
 
     if architecture not in get_args(Architecture):
         choices = ", ".join(get_args(Architecture))
         raise typer.BadParameter(f"{architecture!r}; one of {choices}", param_hint="--architecture")
+    if not temperature > 0:  # logits / 0 make every weight NaN, and the release is written all the same
+        raise typer.BadParameter(f"{temperature}; the temperature must be > 0", param_hint="--temperature")
     if bias_update > 0 and architecture != "deepseek_v3":
         raise typer.BadParameter(
             "the expert-bias update needs the DeepSeek-V3 MoE (--architecture deepseek_v3)",
@@ -129,8 +139,12 @@ def train(
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sets = _eval_sets(eval_sets)
-    settings = load_cloud_config(config, overrides)
-    store = open_store(settings.store)
+    try:
+        settings = load_cloud_config(config, overrides)
+        store = open_store(settings.store)
+    except (ConfigError, StoreError) as exc:  # a bad file, override or store URI: its message says which
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         where = resolve_device(device)
     except (ValueError, RuntimeError) as exc:
@@ -139,6 +153,11 @@ def train(
     if not isinstance(model, Qwen2ForCausalLM):  # the MoE is built from Qwen2 students
         found = type(model).__name__
         raise typer.BadParameter(f"{base} holds a {found}, not a Qwen2 model", param_hint="--base")
+    if model.config.intermediate_size % split:  # checked now, not after phase II has trained the students
+        width = model.config.intermediate_size
+        raise typer.BadParameter(
+            f"{split} does not divide the FFN width {width} of {base}", param_hint="--split"
+        )
     tokenizer = _load(AutoTokenizer, tokenizer_dir or base, "--tokenizer" if tokenizer_dir else "--base")
     heldout = {d: _heldout_windows(tokenizer, d, p, eval_tokens) for d, p in sets.items()}
     spec = TrainSpec(
