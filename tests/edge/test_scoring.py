@@ -77,6 +77,23 @@ def test_score_writes_valid_packets(
         assert np.all(np.isfinite(seq.features.astype(np.float32)))
 
 
+def test_scoring_again_into_a_folder_replaces_the_earlier_packets(
+    tiny_llama: Path, public_file: Path, held_out_texts: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "packets"
+    args = ["score", str(tiny_llama), "-o", str(out), "--top-k", "8", "--max-tokens", "64", "--threads", "1"]
+    assert runner.invoke(app, [*args, "-i", str(public_file)]).exit_code == 0
+    (out / "notes.dfk").write_bytes(b"a file of the user's")  # not a name the scorer gives: kept
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text(json.dumps({"text": held_out_texts[0]}) + "\n")
+    result = runner.invoke(app, [*args, "-i", str(fewer)])
+    assert result.exit_code == 0, result.output
+    packets = [decode(p.read_bytes()) for p in sorted(out.glob("0*.dfk"))]
+    index = [json.loads(line) for line in (out / "sequences.jsonl").read_text().splitlines()]
+    assert sorted(s.sequence_id for p in packets for s in p.sequences()) == [e["sequence_id"] for e in index]
+    assert (out / "notes.dfk").read_bytes() == b"a file of the user's"
+
+
 def test_score_top_p_pads_rows(tiny_llama: Path, public_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "packets"
     args = [

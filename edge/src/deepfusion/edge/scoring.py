@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +33,10 @@ from deepfusion.shared.packets import (
 )
 
 __all__ = ["ScoreReport", "ScoreSettings", "Window", "read_texts", "score_texts", "to_knowledge", "windows"]
+
+log = logging.getLogger(__name__)
+
+_PACKET_FILE = re.compile(r"\d{6}-[0-9a-f]{16}\.dfk")  # the names `score_texts` gives its packets
 
 
 @dataclass(frozen=True)
@@ -259,6 +265,13 @@ def score_texts(
     id_dtype = np.uint16 if header.vocab_size <= 2**16 - 1 else np.uint32
     builder = PacketBuilder(header, budget=settings.budget)
     output_dir.mkdir(parents=True, exist_ok=True)
+    # An earlier run's packets would sit beside this run's, under a sequences.jsonl that no longer
+    # describes them (their numbering even collides).
+    stale = [path for path in output_dir.glob("*.dfk") if _PACKET_FILE.fullmatch(path.name)]
+    if stale:
+        log.warning("deleting %d packets of an earlier run in %s", len(stale), output_dir)
+        for path in stale:
+            path.unlink()
     counts = {"packets": 0, "sequences": 0, "tokens": 0, "bytes": 0}
     started = time.perf_counter()
 
