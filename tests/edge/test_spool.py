@@ -214,3 +214,23 @@ def test_acks_free_a_disk_that_the_spool_filled(tmp_path: Path, monkeypatch: pyt
     spool.add(_packet(7), round=1, cursor=("1/s/0", 6))
     reopened = Spool(tmp_path, max_bytes=10_000)
     assert len(reopened) == 1 and reopened.cursor("1/s/0") == 6
+
+
+def test_a_spool_on_a_full_disk_still_starts_and_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its packets are what frees room once acked: refusing to start would keep the disk full for ever."""
+    spool = Spool(tmp_path, max_bytes=10_000)
+    digests = [spool.add(_packet(i), round=1, cursor=("1/s/0", i + 1)) for i in range(3)]
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool_module, "_write_durably", full)
+    restarted = Spool(tmp_path, max_bytes=10_000)
+    assert [e.digest for e in restarted.pending()] == digests and restarted.cursor("1/s/0") == 3
+    assert restarted.read(digests[0]) == _packet(0)
+    for digest in digests:
+        restarted.ack(digest, flush=False)
+    monkeypatch.undo()
+    assert restarted.flush() and len(Spool(tmp_path, max_bytes=10_000)) == 0

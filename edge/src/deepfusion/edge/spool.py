@@ -317,7 +317,14 @@ class Spool:
             if not known:
                 file.unlink()  # written before a crash but never indexed, so never published
         (self.directory / (INDEX + _TEMP)).unlink(missing_ok=True)
-        self._save()
+        try:
+            self._save()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full disk must not keep the device from starting: sending its packets is what frees
+            # room. The index on disk still describes them; a start after a crash recovers the same.
+            log.warning("spool index not rewritten at start (%s); working from the one on disk", exc)
         if self._entries:
             log.info(
                 "spool recovered packets=%d bytes=%d dir=%s", len(self._entries), self._used, self.directory
