@@ -326,7 +326,9 @@ def merge_students_into_moe(
         else:
             config = moe_config(student_config, len(students), spec)
             moe = Qwen2MoeForCausalLM(config).float().eval()
-    states = [s.state_dict() for s in students]
+    # On the CPU, where the MoE is built: the MLA attention joins new CPU tensors with the students'
+    # (torch.cat across devices fails for students trained on a GPU); the caller moves the MoE back.
+    states = [{k: v.detach().cpu() for k, v in s.state_dict().items()} for s in students]
     target = moe.state_dict()
     scale = routed_scale(config, spec)
     G, width = spec.split, config.moe_intermediate_size
