@@ -18,6 +18,7 @@ from deepfusion.cloud.shards import list_shards, publish_texts
 from deepfusion.shared.messages import DeviceState, DeviceStatus, ReleaseNote, RoundSpec, encode_message
 from deepfusion.shared.mqtt import Message
 from deepfusion.shared.store import open_store
+from deepfusion.shared.store.local import LocalStore
 from deepfusion.shared.topics import card_topic, knowledge_topic, release_topic, round_topic, status_topic
 from tests.cloud.federation import FED, Service, SimDevice, base_overrides, config_from, packets_for
 from tests.fixtures.broker import Inbox, wait_for
@@ -330,3 +331,46 @@ def test_a_device_that_announced_it_is_offline_gets_no_work(broker, tmp_path):
     finally:
         for device in devices:
             device.close()
+
+
+def test_shard_urls_signed_while_the_shards_are_read_are_renewed_before_they_expire(broker, tmp_path):
+    """Planning reads every shard, which takes minutes on a large S3 federation: a URL's lifetime starts
+    when it is signed, not when the round opens after the last read."""
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    start = now[0]
+
+    class SlowStore(LocalStore):
+        def get(self, key: str) -> bytes:
+            if "/shards/" in key:
+                now[0] += timedelta(seconds=300)  # reading one large shard
+            return super().get(key)
+
+        def url(self, key: str, expires_s: int | None = None) -> str:
+            return f"{super().url(key)}?signed={int(now[0].timestamp())}"  # as a presigned URL is
+
+    store = SlowStore(tmp_path / "store")
+    for i in range(3):
+        publish_texts(store, FED, (f"text {i}-{j}" for j in range(5)), name=f"pub{i}", per_shard=5)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    config = config_from([*overrides, "coordinator.min_devices=1"])
+    expiry = config.store.presign_expiry_s
+    device = SimDevice(broker.config(), "a-0")
+    coordinator = Coordinator(config, store, clock=lambda: now[0])
+    client = coordinator.connect()
+
+    def valid(spec: RoundSpec | None) -> bool:
+        signed = [int(s.url.rsplit("signed=", 1)[1]) for s in spec.shards] if spec else [0]
+        return min(signed) + expiry > now[0].timestamp()
+
+    try:
+        device.publish_card()
+        coordinator.view.wait_for(lambda v: len(v.cards()) == 1, timeout=10)
+        assert coordinator.step() == "round 0: opened"
+        assert now[0] == start + timedelta(seconds=900)  # the first shard's URL is 600 s old already
+        assert coordinator.view.wait_for(lambda v: v.round is not None and valid(v.round), timeout=10)
+        now[0] = start + timedelta(seconds=300 + expiry + 60)  # the first URL expired a minute ago
+        assert coordinator.step() == "round 0: 0/15 delivered"
+        assert coordinator.view.wait_for(lambda v: valid(v.round), timeout=5)
+    finally:
+        device.close()
+        client.close()

@@ -10,6 +10,7 @@ import pytest
 from deepfusion.cloud.ingest import IngestContext
 from deepfusion.cloud.registry import MAX_THROUGHPUT, DeviceRecord
 from deepfusion.cloud.rounds import close_decision, coverage_report, plan_assignments, quotas
+from deepfusion.cloud.shards import encode_shard, list_shards, publish_texts, shard_key
 from deepfusion.shared.messages import (
     DeviceStatus,
     RejectReason,
@@ -18,6 +19,7 @@ from deepfusion.shared.messages import (
     ShardRef,
     decode_message,
 )
+from deepfusion.shared.store import open_store
 from tests.shared.packet_factory import FINGERPRINT, make_packet
 
 
@@ -176,3 +178,23 @@ def test_a_device_announcing_an_absurd_throughput_cannot_break_the_plan(announce
     assert throughput.get("odd") == (MAX_THROUGHPUT if huge else None)
     plan = plan_assignments(_shards(100), {"odd": 0, "a": 0, "b": 0}, 2, throughput)
     assert sum(a.stop - a.start for r in plan.values() for a in r) == 200
+
+
+@pytest.mark.parametrize(("sequences", "each"), [(8, 2), (40, 10)])
+def test_few_sequences_per_stripe_still_give_every_member_its_share(sequences, each):
+    """8 stripes of 1 or 5 sequences for 8 members: each stripe's spare sequence went to the same two."""
+    clusters = {f"m{i}": 0 for i in range(8)}
+    plan = plan_assignments(_shards(sequences), clusters, 2)
+    assert {d: sum(a.stop - a.start for a in plan.get(d, [])) for d in clusters} == dict.fromkeys(
+        clusters, each
+    )
+    assert all(len(devices) == 2 for devices in _scorers(plan).values())
+
+
+def test_a_shard_with_no_sequence_or_a_foreign_name_is_left_out(tmp_path):
+    """Neither can be in a RoundSpec (a shard holds >= 1 sequence and has an id): the others still count."""
+    store = open_store(str(tmp_path / "store"))
+    publish_texts(store, "fed", ["one", "two"], name="pub")
+    store.put(shard_key("fed", "empty"), encode_shard([]))
+    store.put("fed/shards/News.jsonl.zst", encode_shard(["three"]))
+    assert [(s.shard, s.sequences) for s in list_shards(store, "fed")] == [("pub-0000", 2)]

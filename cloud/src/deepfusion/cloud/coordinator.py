@@ -157,6 +157,9 @@ class Coordinator:
         if len(members) - len(away) < self.settings.min_devices:
             online = len(members) - len(away)
             return f"round {round_id}: waiting for devices ({online}/{self.settings.min_devices})"
+        # The URLs' lifetime starts as list_shards signs them, and reading every shard before the
+        # round opens can take minutes: renewing them counts from here, not from the opening.
+        signed_at = self.clock()
         shards = list_shards(self.store, self.federation, expires_s=self.config.store.presign_expiry_s)
         if not shards:
             return f"round {round_id}: waiting for public shards under {self.federation}/shards/"
@@ -199,7 +202,7 @@ class Coordinator:
         self._write_state(state)
         self._write_pointer(round_id)
         self._publish(round_topic(self.federation), encode_message(spec))
-        self._signed = (round_id, now)
+        self._signed = (round_id, signed_at)
         if away:
             log.info("round %d: no work for %s, offline", round_id, ", ".join(sorted(away)))
         log.info(

@@ -9,10 +9,11 @@ in each stripe every member gets a quota proportional to its throughput (capped 
 a device never scores a sequence twice), and the quotas are laid end to end on a circle of r·n
 positions, position p meaning the stripe's sequence p mod n (McNaughton's wrap-around rule). A quota
 of at most n positions never holds two positions of one sequence, so every sequence gets r distinct
-devices of each cluster and the load follows throughput to within one sequence per stripe. The
-members' order on the circle is shuffled per stripe (seeded): with one fixed order the same devices
-would always score the same sequences together, and the cloud could never tell which of two
-disagreeing devices is the hostile one (`deepfusion.cloud.robust`).
+devices of each cluster. Each stripe's rounding carries over to the next, so the load follows
+throughput to within about one sequence in all, however few sequences a stripe holds. The members'
+order on the circle is shuffled per stripe (seeded): with one fixed order the same devices would
+always score the same sequences together, and the cloud could never tell which of two disagreeing
+devices is the hostile one (`deepfusion.cloud.robust`).
 """
 
 from __future__ import annotations
@@ -67,11 +68,31 @@ def coordinator_key(federation: str) -> str:
 # -- planning --------------------------------------------------------------------------------------------
 
 
-def quotas(weights: Mapping[str, float], total: int, cap: int) -> dict[str, int]:
+def quotas(
+    weights: Mapping[str, float], total: int, cap: int, behind: Mapping[str, float] | None = None
+) -> dict[str, int]:
     """Split `total` into integers proportional to `weights`, none above `cap` (water-filling).
 
     Needs total <= cap * len(weights). Rounding is by largest remainder, so the quotas sum to `total`.
+    `behind` (device -> how much earlier splits rounded it down, negative for up) is added to the
+    remainders: over several splits the rounding then takes turns instead of always favouring the
+    same devices.
     """
+    exact = _shares(weights, total, cap)
+    result = {d: math.floor(v) for d, v in exact.items()}
+    left = total - sum(result.values())
+    debt = behind or {}
+    for d in sorted(exact, key=lambda d: (-(exact[d] - result[d] + debt.get(d, 0.0)), d)):
+        if left == 0:
+            break
+        if result[d] < cap:
+            result[d] += 1
+            left -= 1
+    return result
+
+
+def _shares(weights: Mapping[str, float], total: int, cap: int) -> dict[str, float]:
+    """The exact (fractional) split of `total` proportional to `weights`, none above `cap`."""
     if total > cap * len(weights):
         raise ValueError(f"cannot split {total} over {len(weights)} devices with at most {cap} each")
     fixed: dict[str, float] = {}
@@ -86,16 +107,7 @@ def quotas(weights: Mapping[str, float], total: int, cap: int) -> dict[str, int]
         for d in over:
             fixed[d] = cap
             del free[d]
-    exact = {**fixed, **share}
-    result = {d: math.floor(v) for d, v in exact.items()}
-    left = total - sum(result.values())
-    for d in sorted(exact, key=lambda d: (-(exact[d] - result[d]), d)):
-        if left == 0:
-            break
-        if result[d] < cap:
-            result[d] += 1
-            left -= 1
-    return result
+    return {**fixed, **share}
 
 
 def _weights(members: Sequence[str], throughput: Mapping[str, float]) -> dict[str, float]:
@@ -139,11 +151,19 @@ def plan_assignments(
         stripes = min(_MAX_STRIPES, len(members), total) if r > 1 else 1
         bounds = [total * i // stripes for i in range(stripes + 1)]
         weights = _weights(members, throughput or {})
+        # With few sequences per stripe, rounding each stripe alone would hand every stripe's spare
+        # sequences to the same devices (ties go by name): 8 members scoring 8 sequences twice would
+        # leave 6 of them without work. The rounding is carried from stripe to stripe instead.
+        behind = dict.fromkeys(members, 0.0)
         for stripe, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            n = hi - lo
+            quota = quotas(weights, r * n, n, behind)
+            for device, share in _shares(weights, r * n, n).items():
+                behind[device] += share - quota[device]
             order = list(members)
             if stripe:
                 random.Random(stripe).shuffle(order)
-            for device, (a, b) in _wrap_around(order, weights, r, hi - lo):
+            for device, (a, b) in _wrap_around(order, quota, n):
                 spans.setdefault(device, []).append((lo + a, lo + b))
     return {
         device: [a for lo, hi in _merged(pieces) for a in _to_shards(lo, hi, shards, offsets)]
@@ -152,10 +172,9 @@ def plan_assignments(
 
 
 def _wrap_around(
-    order: Sequence[str], weights: Mapping[str, float], r: int, n: int
+    order: Sequence[str], quota: Mapping[str, int], n: int
 ) -> Iterable[tuple[str, tuple[int, int]]]:
-    """McNaughton's rule on n sequences: (device, range) pieces, each sequence covered r times."""
-    quota = quotas({d: weights[d] for d in order}, r * n, n)
+    """McNaughton's rule on n sequences: (device, range) pieces, each sequence covered sum(quota)/n times."""
     position = 0
     for device in order:
         q = quota[device]

@@ -93,13 +93,19 @@ def read_texts(path: Path) -> Iterator[str]:
 def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = None) -> list[ShardRef]:
     """Every readable shard in the store, sorted by id, with a fresh URL (presigned on S3) and its checksum.
 
-    A shard that does not decode is left out with an error in the log: rounds go on with the others.
+    A shard that does not decode, holds no sequence or whose name is not a shard id is left out with an
+    error in the log: rounds go on with the others.
     """
     refs = []
     prefix = f"{federation}/shards/"
     for key in store.list(prefix):
         name = key[len(prefix) :]
         if "/" in name or not name.endswith(SUFFIX):
+            continue
+        try:
+            validate_id(name[: -len(SUFFIX)], "shard id")
+        except ValueError as exc:  # put there by hand ("News.jsonl.zst"): no RoundSpec can name it
+            log.error("left out shard %s: %s", key, exc)
             continue
         try:
             body = store.get(key)
@@ -109,6 +115,9 @@ def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = 
             sequences = len(_decode_shard(body))
         except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             log.error('left out shard %s: not a JSONL.zst shard of {"text": ...} lines (%s)', key, exc)
+            continue
+        if sequences == 0:  # nothing to score, and a RoundSpec's shard holds at least one sequence
+            log.error("left out shard %s: it holds no sequence", key)
             continue
         refs.append(
             ShardRef(
