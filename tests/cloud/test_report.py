@@ -319,3 +319,19 @@ def test_sizes_at_a_unit_boundary_roll_over_to_the_next_unit(results: RunResults
     # Not "1000.0 KB" / "1000 B", "1e+03M" / "1000.0 MB".
     assert _table_line(md, "Communication at demo size", "packets")[1:3] == ["1.0 MB", "1.0 KB"]
     assert _table_line(md, "Communication at real size", "SmolLM2-135M")[1:3] == ["1B", "1.0 GB"]
+
+
+def test_acceptance_checks_skip_a_failed_baseline(results: RunResults, tmp_path: Path) -> None:
+    from deepfusion.cloud.sim.run import acceptance_checks
+
+    # A baseline that fails gets a row with no scores (simulate_run); reading its score per domain raised
+    # KeyError, so the run ended in a traceback before the report that names the failure was written.
+    failed = MethodRow(method="logit-kd", label="logit-only KD", scores={}, note="failed: out of memory")
+    with_failed = results.model_copy(update={"rows": [*results.rows, failed], "checks": []})
+    checks = {c.name: c for c in acceptance_checks(with_failed)}
+    assert not any("logit-only KD" in name for name in checks)
+    assert checks["code: packets recover ≥ 50% of G"].measured == "80.0%"
+    with_failed.checks = list(checks.values())
+    md = write_report(with_failed, tmp_path).read_text()
+    assert _table_line(md, "Comparison", "logit-only KD")[1:] == ["—"] * 7
+    assert "failed: out of memory" in md

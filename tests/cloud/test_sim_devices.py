@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
+from deepfusion.cloud.sim import devices
 from deepfusion.cloud.sim.devices import DeviceJob, build_devices
 
 
@@ -31,3 +33,39 @@ def test_a_failed_build_names_its_device_and_its_log(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=rf"device med-00: build failed .*{log}"):
         build_devices(jobs, workers=1)
     assert "Traceback" in log.read_text()  # the worker's error is in the log the message names
+
+
+def _slow_build(job: DeviceJob) -> str:
+    """Stands in for a device build in the worker process: half a second of work that leaves its folder."""
+    time.sleep(0.5)
+    Path(job.directory).mkdir(parents=True)
+    return job.device
+
+
+def test_ctrl_c_cancels_the_builds_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving the pool waited for every queued device: after Ctrl-C the whole fleet was still built."""
+    monkeypatch.setattr(devices, "_build", _slow_build)
+    jobs = [
+        DeviceJob(
+            device=f"med-{i:02d}",
+            domain="medical",
+            preset="student-tiny",
+            backend="torch",
+            share=i,
+            base=str(tmp_path / "base"),
+            private=str(tmp_path / "private.jsonl"),
+            directory=str(tmp_path / f"med-{i:02d}"),
+            max_tokens=32,
+            finetune={"steps": 1, "batch_size": 1, "lr": 1e-3, "lora_r": 2},
+            seed=i,
+        )
+        for i in range(12)
+    ]
+
+    def interrupt(_: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while the first device is reported
+
+    with pytest.raises(KeyboardInterrupt):
+        build_devices(jobs, workers=1, on_done=interrupt)
+    built = [job.device for job in jobs if Path(job.directory).is_dir()]
+    assert len(built) < len(jobs) // 2, built  # the first, and the few the pool had already handed out

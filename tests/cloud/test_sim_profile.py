@@ -91,3 +91,16 @@ def test_public_mix_shares_are_non_negative_and_not_all_zero(mix: str) -> None:
     # negative finance count (a slice from the end), and all zeros divided by zero when the assets were built.
     with pytest.raises(ConfigError, match="public_mix"):
         load_profile("demo", [mix])
+
+
+def test_an_unknown_preset_is_a_config_error(tmp_path: Path) -> None:
+    # It was only looked up when the assets were built, after the corpora: a KeyError traceback.
+    with pytest.raises(ConfigError, match=r"student\.preset.*unknown preset 'student-tnyi'"):
+        load_profile("quick", ["student.preset=student-tnyi"])
+    path = tmp_path / "typo.toml"
+    path.write_text(
+        'name = "typo"\n[[devices]]\ndomain = "medical"\npreset = "tiny-lama"\n'
+        '[[devices]]\ndomain = "finance"\npreset = "tiny-gpt2"\n'
+    )
+    with pytest.raises(ConfigError, match=r"devices\.0\.preset.*unknown preset 'tiny-lama'"):
+        load_profile(str(path))

@@ -59,6 +59,7 @@ def simulate(
     from deepfusion.cloud.sim.profile import load_profile
     from deepfusion.cloud.sim.run import SimOptions, simulate_run
     from deepfusion.shared.config import ConfigError
+    from deepfusion.shared.store import StoreError
 
     console = Console()
     try:
@@ -79,6 +80,6 @@ def simulate(
     )
     try:
         simulate_run(chosen, options, console)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
+    except (ValueError, RuntimeError, TimeoutError, StoreError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None

@@ -326,11 +326,16 @@ def run_arms(
     results: dict[str, ArmResult | Exception] = {}
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
         futures = {pool.submit(run_arm, setup, method): method for method in methods}
-        for future in as_completed(futures):
-            method = futures[future]
-            try:
-                results[method] = future.result()
-            except Exception as exc:  # one failed arm must not lose the others: reported, not raised
-                results[method] = exc
-            on_done(method, results[method])
+        try:
+            for future in as_completed(futures):
+                method = futures[future]
+                try:
+                    results[method] = future.result()
+                except Exception as exc:  # one failed arm must not lose the others: reported, not raised
+                    results[method] = exc
+                on_done(method, results[method])
+        except BaseException:
+            # Ctrl-C: leaving the pool waits for every queued arm, so each would be trained first.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results

@@ -138,18 +138,22 @@ def build_devices(
     with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context) as pool:
         futures = [pool.submit(_build, job) for job in jobs]
         builds = []
-        for job, future in zip(jobs, futures, strict=True):
-            try:
-                builds.append(future.result())
-            except Exception as exc:
-                # The devices not started yet would all be built before the error showed: cancel them.
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise RuntimeError(
-                    f"device {job.device}: build failed ({type(exc).__name__}: {exc}); "
-                    f"its output is in {Path(job.directory) / 'build.log'}"
-                ) from exc
-            if on_done is not None:
-                on_done(builds[-1])
+        try:
+            for job, future in zip(jobs, futures, strict=True):
+                try:
+                    builds.append(future.result())
+                except Exception as exc:
+                    raise RuntimeError(
+                        f"device {job.device}: build failed ({type(exc).__name__}: {exc}); "
+                        f"its output is in {Path(job.directory) / 'build.log'}"
+                    ) from exc
+                if on_done is not None:
+                    on_done(builds[-1])
+        except BaseException:
+            # Leaving the pool waits for every queued device: after a failed build or Ctrl-C they would
+            # all be built before the error showed. Cancel the ones not started.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return builds
 
 

@@ -25,6 +25,15 @@ Domain = Literal["medical", "finance"]
 Backend = Literal["torch", "onnxruntime", "llama_cpp"]
 
 
+def _known_preset(name: str) -> str:
+    # Checked at load: the preset is first looked up when the assets are built, after the corpora.
+    from deepfusion.cloud.zoo.presets import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return name
+
+
 class DataSection(Section):
     public_windows: int = Field(384, ge=4, description="Public sequences handed out in each round.")
     public_mix: dict[str, float] = Field(
@@ -69,6 +78,11 @@ class StudentSection(Section):
     temperature: float = Field(1.0, gt=0)
     tau: float | None = Field(0.2, gt=0, description="Teacher-quality temperature; unset: equal weights.")
 
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        return _known_preset(name)
+
 
 class MoeSection(Section):
     split: int = Field(1, ge=1, description="G: fine-grained experts per student FFN.")
@@ -85,6 +99,11 @@ class DeviceTemplate(Section):
     domain: Domain
     preset: str
     backend: Backend = "torch"
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, name: str) -> str:
+        return _known_preset(name)
 
 
 class SimProfile(Section):

@@ -1,0 +1,33 @@
+"""`deepfusion-cloud simulate`'s checks of its options, before any asset or device is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deepfusion.cloud.cli import app
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--store", "ftp://bucket/run"], "unsupported scheme 'ftp'"),
+        (["--broker", "mqtt://localhost:18x3"], "--broker mqtt://localhost:18x3: expected mqtt://HOST:PORT"),
+    ],
+    ids=["store", "broker"],
+)
+def test_a_bad_store_or_broker_fails_before_the_assets(
+    option: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They were first used after the assets and devices were built (minutes to hours); a bad store
+    then ended the run in a traceback (its error is neither a ValueError nor a RuntimeError)."""
+
+    def assets(*_: object) -> None:
+        raise AssertionError("the assets were prepared before the store and broker were checked")
+
+    monkeypatch.setattr("deepfusion.cloud.sim.assets.prepare_assets", assets)
+    result = CliRunner().invoke(app, ["simulate", "--quick", "--out", str(tmp_path), *option])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert message in " ".join(result.output.split())
