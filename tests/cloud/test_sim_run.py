@@ -31,3 +31,10 @@ def test_a_bad_store_or_broker_fails_before_the_assets(
     result = CliRunner().invoke(app, ["simulate", "--quick", "--out", str(tmp_path), *option])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert message in " ".join(result.output.split())
+
+
+def test_quick_with_another_profile_is_refused() -> None:
+    """`--quick` is `--profile quick`: with `--profile real` it used to run the quick profile silently."""
+    result = CliRunner().invoke(app, ["simulate", "--quick", "--profile", "real"])
+    assert result.exit_code == 2, result.output
+    assert "--quick is --profile quick; it cannot run with --profile real" in result.output

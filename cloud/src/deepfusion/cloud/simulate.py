@@ -17,11 +17,12 @@ __all__ = ["simulate"]
 
 
 def simulate(
-    profile: str = typer.Option(
-        "demo",
+    profile: str | None = typer.Option(
+        None,
         "--profile",
         "--preset",
-        help="Profile: demo (8 devices, 2 cores), quick (for tests), real (SmolLM2, GPU) or a TOML path.",
+        help="Profile: demo (the default: 8 devices, 2 cores), quick (for tests), real (SmolLM2, GPU) or a "
+        "TOML path.",
     ),
     quick: bool = typer.Option(False, "--quick", help="Shorthand for --profile quick."),
     devices: int = typer.Option(
@@ -62,8 +63,13 @@ def simulate(
     from deepfusion.shared.store import StoreError
 
     console = Console()
+    if quick and profile not in (None, "quick"):
+        console.print(
+            f"[bold red]error:[/] --quick is --profile quick; it cannot run with --profile {profile}"
+        )
+        raise typer.Exit(2)
     try:
-        chosen = load_profile("quick" if quick else profile, overrides)
+        chosen = load_profile("quick" if quick else profile or "demo", overrides)
     except (ConfigError, FileNotFoundError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
