@@ -69,3 +69,24 @@ def test_ctrl_c_cancels_the_builds_not_started(tmp_path: Path, monkeypatch: pyte
         build_devices(jobs, workers=1, on_done=interrupt)
     built = [job.device for job in jobs if Path(job.directory).is_dir()]
     assert len(built) < len(jobs) // 2, built  # the first, and the few the pool had already handed out
+
+
+def test_device_config_holds_any_path(tmp_path: Path) -> None:
+    """Paths went into the TOML unescaped: a folder with a quote or a backslash broke the agent's config."""
+    from deepfusion.edge.agent_config import load_device_config
+    from deepfusion.shared.config import MqttConfig
+
+    odd = tmp_path / 'run "a"\\b'
+    job = DeviceJob(
+        device="med-00", domain="medical", preset="tiny-llama", backend="torch", share=1,
+        base=str(odd / "base"), private=str(odd / "private.jsonl"), directory=str(odd), max_tokens=64,
+        finetune={}, seed=0,
+    )  # fmt: skip
+    build = devices.DeviceBuild(
+        job=job, checkpoint=str(odd / "model"), runtime_model=str(odd / "model"), architecture="llama",
+        params=1, val_loss_before=0.0, val_loss_after=0.0, finetune_s=0.0, export_s=0.0,
+    )  # fmt: skip
+    path = devices.write_device_config(build, "fed", MqttConfig(), odd / "state")
+    config = load_device_config(path)
+    assert config.device.state_dir == odd / "state" and config.spool.dir == odd / "state" / "spool"
+    assert config.model.path == odd / "model" and config.data.private == odd / "private.jsonl"

@@ -38,3 +38,15 @@ def test_quick_with_another_profile_is_refused() -> None:
     result = CliRunner().invoke(app, ["simulate", "--quick", "--profile", "real"])
     assert result.exit_code == 2, result.output
     assert "--quick is --profile quick; it cannot run with --profile real" in result.output
+
+
+def test_the_cloud_config_holds_any_store_path(tmp_path: Path) -> None:
+    from deepfusion.cloud.settings import load_cloud_config
+    from deepfusion.cloud.sim.profile import load_profile
+    from deepfusion.cloud.sim.run import _cloud_toml
+    from deepfusion.shared.config import MqttConfig
+
+    store = str(tmp_path / 'store "x"\\y')
+    path = tmp_path / "cloud.toml"
+    path.write_text(_cloud_toml(load_profile("quick", []), MqttConfig(), store, 4))
+    assert load_cloud_config(path).store.uri == store

@@ -26,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "load_config",
     "mqtt_toml",
+    "toml_string",
 ]
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -165,10 +166,10 @@ def mqtt_toml(config: MqttConfig) -> str:
 
 def _toml_value(value: object) -> str:
     # Numbers and booleans are spelled the same in JSON and TOML.
-    return _toml_string(str(value)) if isinstance(value, str | Path) else json.dumps(value)
+    return toml_string(str(value)) if isinstance(value, str | Path) else json.dumps(value)
 
 
-def _toml_string(text: str) -> str:
+def toml_string(text: str) -> str:
     """`text` as a TOML basic string of ASCII characters.
 
     Not JSON's spelling: JSON writes a character beyond U+FFFF as a surrogate pair of escapes, which

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepfusion.cloud.sim.profile import FinetuneSection
-from deepfusion.shared.config import MqttConfig, mqtt_toml
+from deepfusion.shared.config import MqttConfig, mqtt_toml, toml_string
 
 __all__ = ["DeviceBuild", "DeviceJob", "build_devices", "write_device_config"]
 
@@ -181,19 +181,20 @@ def write_device_config(
         "\n".join(
             [
                 "[device]",
+                # Paths through toml_string: a folder name with a quote or a backslash is valid.
                 f'id = "{build.job.device}"',
                 f'federation = "{federation}"',
                 f'hardware = "simulated {build.job.preset} on {build.job.backend}"',
-                f'state_dir = "{state}"',
+                f"state_dir = {toml_string(str(state))}",
                 "[model]",
-                f'path = "{build.runtime_model}"',
+                f"path = {toml_string(str(build.runtime_model))}",
                 f'backend = "{build.job.backend}"',
                 "threads = 1",
                 "[data]",
-                f'private = "{build.job.private}"',
+                f"private = {toml_string(str(build.job.private))}",
                 "embedding_max_texts = 48",
                 "[spool]",
-                f'dir = "{state / "spool"}"',
+                f"dir = {toml_string(str(state / 'spool'))}",
                 "resend_s = 20.0",
                 "[uplink]",
                 "status_interval_s = 1.0",

@@ -37,7 +37,7 @@ from deepfusion.cloud.sim.results import (
     ScalePoint,
 )
 from deepfusion.shared.broker import EmbeddedBroker
-from deepfusion.shared.config import MqttConfig, mqtt_toml
+from deepfusion.shared.config import MqttConfig, mqtt_toml, toml_string
 from deepfusion.shared.packets import KnowledgePacket, decode, encode
 from deepfusion.shared.store import ObjectStore, open_store
 
@@ -145,7 +145,7 @@ def _cloud_toml(profile: SimProfile, mqtt: MqttConfig, store_uri: str, devices: 
     return (
         f'federation = "{profile.federation}"\n'
         f"{mqtt_toml(mqtt)}"
-        f'[store]\nuri = "{store_uri}"\n'
+        f"[store]\nuri = {toml_string(store_uri)}\n"
         f"[ingest]\nstats_interval_s = 1.0\n"
         f"[coordinator]\nclusters = {profile.clusters}\nredundancy = {profile.redundancy}\n"
         f"min_devices = {devices}\nround_s = {profile.round_s}\nquorum = {profile.quorum}\n"
