@@ -143,9 +143,11 @@ def _load_base(settings: FinetuneSettings, device: str, precision: str, torch: A
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return _require_peft().prepare_model_for_kbit_training(
+    model = _require_peft().prepare_model_for_kbit_training(
         model, gradient_checkpointing_kwargs={"use_reentrant": False}
     )
+    model.config.use_cache = False  # it turned gradient checkpointing on, which has no use for a cache
+    return model
 
 
 def _require_peft() -> Any:
