@@ -21,6 +21,7 @@ from deepfusion.cloud.security import (
     add_device,
     broker_listener_config,
     device_mqtt_config,
+    federation,
     init_security,
     list_accounts,
     revoke_device,
@@ -368,3 +369,45 @@ def test_help_explains_the_commands():
     assert result.exit_code == 0 and "bundle" in result.output
     result = runner.invoke(app, ["pki", "init", "--help"])
     assert result.exit_code == 0 and "--client-certs" in result.output
+
+
+def test_a_failed_enrollment_leaves_no_bundle_and_the_name_free(tmp_path, monkeypatch):
+    # E.g. a broker folder chowned to mosquitto: the broker files cannot be written by the operator.
+    init_security(tmp_path, FED)
+
+    def unwritable(*args: object) -> None:
+        raise PermissionError("broker/passwd")
+
+    monkeypatch.setattr(federation, "write_broker_files", unwritable)
+    with pytest.raises(PermissionError):
+        add_device(tmp_path, "pi-a")
+    assert not (tmp_path / "devices" / "pi-a").exists()  # no key or password left behind
+    assert not list_accounts(tmp_path).has("pi-a")
+    monkeypatch.undo()
+    add_device(tmp_path, "pi-a")  # the name is still free
+    assert "user pi-a" in (tmp_path / "broker" / "acl").read_text()
+
+
+def test_a_wildcard_cannot_be_the_host_clients_connect_to(tmp_path):
+    with pytest.raises(SecurityError, match="wildcard"):
+        init_security(tmp_path, FED, hosts=["*.example.org", "10.0.0.5"])
+    assert not (tmp_path / "ca" / "ca.key").exists()
+    init_security(tmp_path, FED, hosts=["mq.example.org", "*.example.org"])
+    assert add_device(tmp_path, "pi-a").host == "mq.example.org"
+
+
+def test_a_failed_revocation_does_not_list_the_device_as_revoked(tmp_path, monkeypatch):
+    init_security(tmp_path, FED, client_certs=False)  # the password alone lets it in
+    add_device(tmp_path, "pi-a")
+
+    def unwritable(*args: object) -> None:
+        raise PermissionError("broker/passwd")
+
+    monkeypatch.setattr(federation, "write_broker_files", unwritable)
+    with pytest.raises(PermissionError):
+        revoke_device(tmp_path, "pi-a")
+    assert "pi-a:" in (tmp_path / "broker" / "passwd").read_text()
+    assert not list_accounts(tmp_path).get("pi-a").revoked  # as the broker still treats it
+    monkeypatch.undo()
+    assert revoke_device(tmp_path, "pi-a").revoked
+    assert "pi-a" not in (tmp_path / "broker" / "passwd").read_text()

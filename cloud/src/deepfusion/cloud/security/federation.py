@@ -94,6 +94,12 @@ def init_security(
         settings = BrokerSettings(hosts=list(hosts), port=port, client_certs=client_certs)
     except ValidationError as exc:
         raise SecurityError(f"invalid broker settings: {exc}") from None
+    # Every service config and device bundle connects to the first host: it must be a real name.
+    if settings.hosts[0].startswith("*."):
+        raise SecurityError(
+            f"the first --host ({settings.hosts[0]!r}) is the one clients connect to and cannot be a "
+            "wildcard; put a real name or address first"
+        )
 
     # Both certificates are made before anything is deleted or written: bad input changes nothing.
     ca = create_ca(federation)
@@ -150,10 +156,6 @@ def add_device(folder: str | Path, name: str, *, install_dir: str | Path | None 
     if bundle.exists():
         shutil.rmtree(bundle)  # left over from an earlier security folder with the same name
     bundle.mkdir(parents=True)
-    write_atomic(bundle / "ca.crt", paths.ca_cert.read_bytes(), 0o644)
-    if certificate is not None:
-        write_certificate(certificate.certificate, bundle / f"{name}.crt")
-        write_private_key(certificate.key, bundle / f"{name}.key")
     target = Path(install_dir) if install_dir is not None else bundle
     config = MqttConfig(
         host=registry.broker.hosts[0],
@@ -162,9 +164,19 @@ def add_device(folder: str | Path, name: str, *, install_dir: str | Path | None 
         password=SecretStr(password),
         tls=_tls(target / f"{name}.crt", target / f"{name}.key", target / "ca.crt", certificate),
     )
-    write_atomic(bundle / "mqtt.toml", _mqtt_toml(config).encode(), 0o600)
-    save_registry(registry, paths.registry)
-    write_broker_files(paths, registry)
+    try:
+        write_atomic(bundle / "ca.crt", paths.ca_cert.read_bytes(), 0o644)
+        if certificate is not None:
+            write_certificate(certificate.certificate, bundle / f"{name}.crt")
+            write_private_key(certificate.key, bundle / f"{name}.key")
+        write_atomic(bundle / "mqtt.toml", _mqtt_toml(config).encode(), 0o600)
+        # The registry last: a failure before it leaves the name free for another try, instead of an
+        # account that exists in the registry but not in passwd and can be neither added nor used.
+        write_broker_files(paths, registry)
+        save_registry(registry, paths.registry)
+    except BaseException:
+        shutil.rmtree(bundle, ignore_errors=True)  # no key or password of a device that does not exist
+        raise
     return config
 
 
@@ -179,8 +191,10 @@ def revoke_device(folder: str | Path, name: str) -> Account:
     if account.cert_serial is not None:
         serials = [a.cert_serial for a in registry.accounts if a.revoked and a.cert_serial is not None]
         write_crl(build_crl(_load_ca(paths), serials), paths.crl)
-    save_registry(registry, paths.registry)
+    # passwd and acl before the registry: the registry never says "revoked" while passwd still lets
+    # the device in, and a failed revocation can simply be run again.
     write_broker_files(paths, registry)
+    save_registry(registry, paths.registry)
     return registry.get(name)
 
 
