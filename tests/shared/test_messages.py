@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -133,3 +134,17 @@ def test_timestamps_without_an_offset_read_as_utc():
     status = DeviceStatus(federation="fed", device="pi-1", state=DeviceState.ONLINE, at=naive)
     assert note.created_at.tzinfo is UTC and status.at.tzinfo is UTC
     assert round_spec(deadline=naive).opened_at > datetime(2020, 1, 1, tzinfo=UTC)  # aware, comparable
+
+
+def test_non_finite_metric_values_survive_the_wire():
+    # A diverged loss or an overflowing perplexity is exactly what the metric stream must carry.
+    metrics = Metrics(
+        federation="fed",
+        source="trainer",
+        values={"loss": float("nan"), "ppl": float("inf"), "x": -float("inf")},
+    )
+    payload = encode_message(metrics)
+    json.loads(payload)  # still standard JSON
+    back = decode_message(Metrics, payload)
+    assert math.isnan(back.values["loss"])
+    assert back.values["ppl"] == math.inf and back.values["x"] == -math.inf

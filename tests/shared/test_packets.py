@@ -18,6 +18,7 @@ from deepfusion.shared.packets import (
     KnowledgePacket,
     PacketBuilder,
     PacketError,
+    SequenceKnowledge,
     SequenceTooLarge,
     apply_top_p,
     decode,
@@ -168,6 +169,11 @@ RULES = [
     ("unknown tensor", lambda t, m: t.update(extra=np.zeros(3, np.float32)), RejectReason.UNEXPECTED_TENSOR),
     ("float32 log-probs", _set("topk_logprobs", lambda a: a.astype(np.float32)), RejectReason.BAD_DTYPE),
     ("int64 token ids", _set("token_ids", lambda a: a.astype(np.int64)), RejectReason.BAD_DTYPE),
+    (
+        "float32 features on the wire",
+        _set("features", lambda a: a.astype(np.float32)),
+        RejectReason.BAD_DTYPE,
+    ),
     ("k differs from header", _meta("top_k", "7"), RejectReason.BAD_SHAPE),
     ("lengths disagree with tokens", _set("seq_lengths", _at((0,), 2)), RejectReason.BAD_SHAPE),
     ("wrong feature width", _meta("feature_width", "15"), RejectReason.BAD_SHAPE),
@@ -611,3 +617,27 @@ def test_builder_cursor_never_passes_a_sequence_it_did_not_pack(lengths):
         assert packed[-1] == last
         assert set(range(last + 1)) <= set(packed) | oversized
     assert sorted(packed + sorted(oversized)) == list(range(len(lengths)))
+
+
+def test_builder_packets_stay_within_what_decode_decompresses():
+    # Top-p leaves two real entries of 1024 per row: the rest is padding that compresses ~500-fold,
+    # so 120 KiB of packet would unpack past the decoder's bomb limit.
+    rng = np.random.default_rng(10)
+    header = make_header(
+        vocab_size=49152, top_k=1024, top_p=0.5, stages=0, feature_stages=(), feature_width=0
+    )
+    length, k = 256, 1024
+    builder = PacketBuilder(header)
+    packets: list[bytes] = []
+    for sid in range(70):
+        ids = np.full((length, k), sentinel_for(np.dtype(np.uint16)), np.uint16)
+        ids[:, 0] = rng.integers(0, 49151, size=length)
+        ids[:, 1] = ids[:, 0] + 1
+        logprobs = np.full((length, k), -np.inf, np.float16)
+        logprobs[:, :2] = np.log([0.9, 0.05])
+        offsets = np.zeros((length, 2), np.uint32)
+        tokens = rng.integers(0, 49152, size=length).astype(np.uint16)
+        packets += builder.add(SequenceKnowledge(sid, tokens, offsets, ids, logprobs, 1.0))
+    packets += builder.flush()
+    assert all(len(p) <= DEFAULT_BUDGET for p in packets)
+    assert _packed_ids(packets) == list(range(70))  # every packet decodes, nothing lost or repeated

@@ -103,7 +103,9 @@ class MessageError(ValueError):
 class Message(BaseModel):
     """Base of every control message."""
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    # Non-finite floats (a diverged loss, an infinite perplexity) travel as "NaN" / "Infinity": pydantic's
+    # default writes them as null, which the float fields then refuse, so such a message never decoded.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, ser_json_inf_nan="strings")
 
     schema_version: int = Field(SCHEMA_VERSION, ge=1)
 

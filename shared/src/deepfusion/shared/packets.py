@@ -544,6 +544,11 @@ def decode(
             tensors["features"] = _features_from_wire(
                 tensors.pop("features", None), tensors.pop("feature_scales", None)
             )
+        elif features is not None and features.dtype != np.float16:
+            # Float32 is how features are held in memory; the wire has int8 blocks or legacy float16.
+            raise _fail(
+                RejectReason.BAD_DTYPE, f"features have dtype {features.dtype}, expected int8 (or float16)"
+            )
         return KnowledgePacket(header=header, **tensors)
     except PacketError:
         raise
@@ -634,11 +639,12 @@ class PacketBuilder:
         raw = self._raw_bytes(sequence)
         ready: list[bytes] = []
         encoded = None
-        if self._pending and (self._pending_raw + raw) * self._ratio > self.budget:
+        total = self._pending_raw + raw
+        if self._pending and (total * self._ratio > self.budget or total > MAX_DECOMPRESSED):
             # Near the budget a prediction is not enough: try it, and keep the bytes if it fits.
             trial = self._encode([*self._pending, sequence])
-            self._ratio = len(trial) / (self._pending_raw + raw)
-            if len(trial) > self.budget:
+            self._ratio = len(trial) / total
+            if not self._fits(trial):
                 ready = self._emit(self._encoded or self._encode(self._pending))
             else:
                 encoded = trial
@@ -659,6 +665,12 @@ class PacketBuilder:
     def _encode(self, sequences: Sequence[SequenceKnowledge]) -> bytes:
         return encode(KnowledgePacket.from_sequences(self.header, sequences), level=self.level)
 
+    def _fits(self, data: bytes) -> bool:
+        """Within the byte budget, and within what `decode` agrees to decompress: rows padded by top-p
+        compress several hundred fold, so a packet under the budget can unpack to more than that."""
+        declared = zstandard.get_frame_parameters(memoryview(data)[len(MAGIC) :]).content_size
+        return len(data) <= self.budget and declared <= MAX_DECOMPRESSED
+
     def _emit(self, data: bytes) -> list[bytes]:
         """Emit the longest prefix of the queue that fits (`data` encodes all of it); keep the rest.
 
@@ -667,12 +679,12 @@ class PacketBuilder:
         """
         pending = self._pending
         count = len(pending)
-        if len(data) > self.budget:
+        if not self._fits(data):
             low, high, data = 1, count - 1, b""
             while low <= high:  # bisect for the largest prefix that fits
                 mid = (low + high) // 2
                 trial = self._encode(pending[:mid])
-                if len(trial) <= self.budget:
+                if self._fits(trial):
                     low, data, count = mid + 1, trial, mid
                 else:
                     high = mid - 1
