@@ -185,37 +185,43 @@ def test_a_device_claiming_an_impossible_nll_is_quarantined(rounds: dict[str, st
     assert screening.devices[HOSTILE].relative < 2  # its distributions agree: only the claim gives it away
 
 
-def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path: Path) -> None:
-    """Devices running one unmodified model agree exactly (divergence 0): the others' median is 0."""
+_VOCAB = 50
 
-    vocab, n = 50, 6
 
-    def sequences(seed: int) -> list[SequenceKnowledge]:
-        rng = np.random.default_rng(seed)
-        return [
-            SequenceKnowledge(
-                i,
-                np.arange(n),
-                np.zeros((n, 2)),
-                np.stack([rng.permutation(vocab)[:4] for _ in range(n)]),
-                np.full((n, 4), -1.7),
-                3.0,
-            )
-            for i in range(10)
-        ]
+def _flat_sequences(seed: int, ids: range, n: int = 6) -> list[SequenceKnowledge]:
+    """Sequences `ids` of n tokens whose top-4 rows are random ids of equal probability (seeded)."""
+    rng = np.random.default_rng(seed)
+    return [
+        SequenceKnowledge(
+            i,
+            np.arange(n),
+            np.zeros((n, 2)),
+            np.stack([rng.permutation(_VOCAB)[:4] for _ in range(n)]),
+            np.full((n, 4), -1.7),
+            3.0,
+        )
+        for i in ids
+    ]
 
-    store = open_store(str(tmp_path / "store"))
-    for device, seed in (("a", 0), ("b", 0), ("c", 1)):
-        put_sequences(store, device, sequences(seed), vocab)
-    clusters = ClusterReport(
+
+def _one_cluster(devices: str) -> ClusterReport:
+    """Every device (one letter each) in cluster 0."""
+    return ClusterReport(
         k=1,
-        assignment=dict.fromkeys("abc", 0),
-        members={0: ["a", "b", "c"]},
-        sizes={0: 3},
+        assignment=dict.fromkeys(devices, 0),
+        members={0: list(devices)},
+        sizes={0: len(devices)},
         silhouette=None,
         centroids=[[1.0]],
     )
-    screening = screen_round(store, index_round(store, FED, ROUND, clusters))
+
+
+def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path: Path) -> None:
+    """Devices running one unmodified model agree exactly (divergence 0): the others' median is 0."""
+    store = open_store(str(tmp_path / "store"))
+    for device, seed in (("a", 0), ("b", 0), ("c", 1)):
+        put_sequences(store, device, _flat_sequences(seed, range(10)), _VOCAB)
+    screening = screen_round(store, index_round(store, FED, ROUND, _one_cluster("abc")))
     assert screening.devices["a"].disagreement == 0 and screening.devices["a"].reason is None
     assert set(screening.quarantined) == {"c"}  # disagrees, above the floor, where the others agree exactly
     assert "inf" not in screening.quarantined["c"]
@@ -224,35 +230,10 @@ def test_two_members_with_identical_packets_do_not_crash_the_screening(tmp_path:
 def test_a_member_without_partners_has_no_ratio_next_to_members_that_agree_exactly(tmp_path: Path) -> None:
     """A device that shares too few sequences with anybody is undecidable: its `relative` is no number,
     not 1.0 (the ratio of members that agree), whatever the others' median."""
-
-    vocab, n = 50, 6
-
-    def sequences(seed: int, ids: range) -> list[SequenceKnowledge]:
-        rng = np.random.default_rng(seed)
-        return [
-            SequenceKnowledge(
-                i,
-                np.arange(n),
-                np.zeros((n, 2)),
-                np.stack([rng.permutation(vocab)[:4] for _ in range(n)]),
-                np.full((n, 4), -1.7),
-                3.0,
-            )
-            for i in ids
-        ]
-
     store = open_store(str(tmp_path / "store"))
     for device, ids in (("a", range(10)), ("b", range(10)), ("c", range(10)), ("d", range(20, 23))):
-        put_sequences(store, device, sequences(0, ids), vocab)
-    clusters = ClusterReport(
-        k=1,
-        assignment=dict.fromkeys("abcd", 0),
-        members={0: ["a", "b", "c", "d"]},
-        sizes={0: 4},
-        silhouette=None,
-        centroids=[[1.0]],
-    )
-    screening = screen_round(store, index_round(store, FED, ROUND, clusters))
+        put_sequences(store, device, _flat_sequences(0, ids), _VOCAB)
+    screening = screen_round(store, index_round(store, FED, ROUND, _one_cluster("abcd")))
     assert screening.devices["a"].relative == 1.0
     assert screening.devices["d"].partners == 0 and np.isnan(screening.devices["d"].relative)
     assert "d.relative" not in screening_values(screening) and not screening.quarantined

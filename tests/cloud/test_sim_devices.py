@@ -11,24 +11,29 @@ from deepfusion.cloud.sim import devices
 from deepfusion.cloud.sim.devices import DeviceJob, build_devices
 
 
-def test_a_failed_build_names_its_device_and_its_log(tmp_path: Path) -> None:
-    """The error used to be the bare worker exception, with no device, and no traceback in any log."""
-    jobs = [
+def _jobs(root: Path, count: int, base: Path) -> list[DeviceJob]:
+    """`count` medical devices building under `root` from `base`, one step of fine-tuning each."""
+    return [
         DeviceJob(
             device=f"med-{i:02d}",
             domain="medical",
             preset="student-tiny",
             backend="torch",
             share=i,
-            base=str(tmp_path / "no-such-base"),
-            private=str(tmp_path / "private.jsonl"),
-            directory=str(tmp_path / f"med-{i:02d}"),
+            base=str(base),
+            private=str(root / "private.jsonl"),
+            directory=str(root / f"med-{i:02d}"),
             max_tokens=32,
             finetune={"steps": 1, "batch_size": 1, "lr": 1e-3, "lora_r": 2},
             seed=i,
         )
-        for i in range(2)
+        for i in range(count)
     ]
+
+
+def test_a_failed_build_names_its_device_and_its_log(tmp_path: Path) -> None:
+    """The error used to be the bare worker exception, with no device, and no traceback in any log."""
+    jobs = _jobs(tmp_path, 2, tmp_path / "no-such-base")
     log = tmp_path / "med-00" / "build.log"
     with pytest.raises(RuntimeError, match=rf"device med-00: build failed .*{log}"):
         build_devices(jobs, workers=1)
@@ -45,22 +50,7 @@ def _slow_build(job: DeviceJob) -> str:
 def test_ctrl_c_cancels_the_builds_not_started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Leaving the pool waited for every queued device: after Ctrl-C the whole fleet was still built."""
     monkeypatch.setattr(devices, "_build", _slow_build)
-    jobs = [
-        DeviceJob(
-            device=f"med-{i:02d}",
-            domain="medical",
-            preset="student-tiny",
-            backend="torch",
-            share=i,
-            base=str(tmp_path / "base"),
-            private=str(tmp_path / "private.jsonl"),
-            directory=str(tmp_path / f"med-{i:02d}"),
-            max_tokens=32,
-            finetune={"steps": 1, "batch_size": 1, "lr": 1e-3, "lora_r": 2},
-            seed=i,
-        )
-        for i in range(12)
-    ]
+    jobs = _jobs(tmp_path, 12, tmp_path / "base")
 
     def interrupt(_: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C while the first device is reported
@@ -77,11 +67,7 @@ def test_device_config_holds_any_path(tmp_path: Path) -> None:
     from deepfusion.shared.config import MqttConfig
 
     odd = tmp_path / 'run "a"\\b'
-    job = DeviceJob(
-        device="med-00", domain="medical", preset="tiny-llama", backend="torch", share=1,
-        base=str(odd / "base"), private=str(odd / "private.jsonl"), directory=str(odd), max_tokens=64,
-        finetune={}, seed=0,
-    )  # fmt: skip
+    (job,) = _jobs(odd, 1, odd / "base")
     build = devices.DeviceBuild(
         job=job, checkpoint=str(odd / "model"), runtime_model=str(odd / "model"), architecture="llama",
         params=1, val_loss_before=0.0, val_loss_after=0.0, finetune_s=0.0, export_s=0.0,

@@ -27,17 +27,31 @@ def finance_text(tmp_path_factory: pytest.TempPathFactory, default_split: tuple[
     return path
 
 
-@pytest.fixture(scope="module")
-def lora_run(tiny_llama: Path, finance_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    output = tmp_path_factory.mktemp("lora")
+def _finetune(base: Path, data: Path, output: Path, *extra: str) -> str:
+    """100 steps of 8 x 64 tokens at 5e-3, merged, on one thread: the runs the tests below compare.
+    Returns what the command printed."""
     args = [
-        "finetune", str(tiny_llama), "-d", str(finance_text), "-o", str(output), "--steps", "100",
-        "--batch-size", "8", "--max-tokens", "64", "--lr", "5e-3", "--save-every", "50", "--merge",
-        "--threads", "1",
+        "finetune", str(base), "-d", str(data), "-o", str(output), "--steps", "100", "--batch-size", "8",
+        "--max-tokens", "64", "--lr", "5e-3", "--merge", "--threads", "1", *extra,
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "validation loss" in result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_llama: Path, finance_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("lora")
+    assert "base float32" in _finetune(tiny_llama, finance_text, output, "--save-every", "50")
+    return output
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tiny_llama: Path, finance_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The LoRA run again on a 4-bit NF4 base (bitsandbytes' CPU backend: the path a GPU takes)."""
+    output = tmp_path_factory.mktemp("qlora")
+    assert "base 4-bit NF4" in _finetune(tiny_llama, finance_text, output, "--save-every", "0", "--qlora")
     return output
 
 
@@ -50,35 +64,27 @@ def test_lora_lowers_validation_loss(lora_run: Path) -> None:
     assert (lora_run / "adapter" / "adapter_config.json").is_file()
 
 
-def test_merged_equals_base_plus_adapter(lora_run: Path, tiny_llama: Path) -> None:
+@pytest.mark.parametrize("run", ["lora_run", "qlora_run"])
+def test_merged_equals_the_float_base_plus_adapter(
+    run: str, tiny_llama: Path, request: pytest.FixtureRequest
+) -> None:
+    """`--merge` folds the adapter into the float32 base (for QLoRA too, not into the 4-bit one) and saves a
+    plain transformers checkpoint."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    output: Path = request.getfixturevalue(run)
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, 4096, size=(2, 48)))
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    with_adapter = PeftModel.from_pretrained(base, lora_run / "adapter").eval()
-    merged = AutoModelForCausalLM.from_pretrained(lora_run / "merged", dtype=torch.float32).eval()
-    assert not any("lora" in name for name in merged.state_dict())  # a plain transformers checkpoint
+    with_adapter = PeftModel.from_pretrained(base, output / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(output / "merged", dtype=torch.float32).eval()
+    state = merged.state_dict()
+    assert not any("lora" in name for name in state) and all(t.dtype == torch.float32 for t in state.values())
     with torch.inference_mode():
         expected = with_adapter(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=0)
-
-
-@pytest.fixture(scope="module")
-def qlora_run(tiny_llama: Path, finance_text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The LoRA run again on a 4-bit NF4 base (bitsandbytes' CPU backend: the path a GPU takes)."""
-    output = tmp_path_factory.mktemp("qlora")
-    args = [
-        "finetune", str(tiny_llama), "-d", str(finance_text), "-o", str(output), "--steps", "100",
-        "--batch-size", "8", "--max-tokens", "64", "--lr", "5e-3", "--save-every", "0", "--merge",
-        "--threads", "1", "--qlora",
-    ]  # fmt: skip
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert "base 4-bit NF4" in result.output
-    return output
 
 
 def test_qlora_trains_on_a_4bit_base(qlora_run: Path, lora_run: Path) -> None:
@@ -90,23 +96,6 @@ def test_qlora_trains_on_a_4bit_base(qlora_run: Path, lora_run: Path) -> None:
     # 6.038 (LoRA on the float32 base: 6.098 -> 6.031).
     assert abs(qlora["val_loss_before"] - lora["val_loss_before"]) < 0.1, (qlora, lora)
     assert qlora["val_loss_after"] < qlora["val_loss_before"] - 0.03, qlora
-
-
-def test_qlora_merge_is_a_float_checkpoint_with_the_adapter(qlora_run: Path, tiny_llama: Path) -> None:
-    """`--merge` folds the adapter into the float32 base (not the 4-bit one) and saves plain weights."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.from_numpy(np.random.default_rng(1).integers(0, 4096, size=(2, 48)))
-    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    with_adapter = PeftModel.from_pretrained(base, qlora_run / "adapter").eval()
-    merged = AutoModelForCausalLM.from_pretrained(qlora_run / "merged", dtype=torch.float32).eval()
-    assert all(t.dtype == torch.float32 for t in merged.state_dict().values())
-    with torch.inference_mode():
-        expected = with_adapter(input_ids=ids).logits
-        got = merged(input_ids=ids).logits
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=0)
 
 
 def test_resume_continues_from_checkpoint(tiny_llama: Path, finance_text: Path, tmp_path: Path) -> None:

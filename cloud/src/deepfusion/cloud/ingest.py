@@ -168,17 +168,9 @@ def stored_duplicate(store: ObjectStore, federation: str, digest: str, packet: K
     is `duplicate`, as for any resend, not a rejection. Asked only for packets the context refuses.
     Lets `StoreError` through: without an answer the device resends later.
     """
-    header = packet.header
-    if not store.exists(knowledge_key(federation, header.round, header.device, digest)):
+    if not store.exists(_key(federation, digest, packet)):
         return None
-    return Ack(
-        federation=federation,
-        device=header.device,
-        round=header.round,
-        packet=digest,
-        accepted=True,
-        duplicate=True,
-    )
+    return _accepted(federation, digest, packet, duplicate=True)
 
 
 def save_packet(
@@ -191,8 +183,16 @@ def save_packet(
 
     Lets `StoreError` through: no Ack may be sent for a packet that is not stored.
     """
+    duplicate = not store.put_new(_key(federation, digest, packet), payload)
+    return _accepted(federation, digest, packet, duplicate=duplicate)
+
+
+def _key(federation: str, digest: str, packet: KnowledgePacket) -> str:
+    return knowledge_key(federation, packet.header.round, packet.header.device, digest)
+
+
+def _accepted(federation: str, digest: str, packet: KnowledgePacket, *, duplicate: bool) -> Ack:
     header = packet.header
-    duplicate = not store.put_new(knowledge_key(federation, header.round, header.device, digest), payload)
     return Ack(
         federation=federation,
         device=header.device,
