@@ -39,7 +39,7 @@ __all__ = ["FinetuneResult", "FinetuneSettings", "evaluate_loss", "finetune", "m
 
 log = logging.getLogger(__name__)
 
-_BNB_CPU = (0, 46)  # the first bitsandbytes with a CPU backend for 4-bit layers
+_BNB_CPU = "0.46"  # the first bitsandbytes with a CPU backend for 4-bit layers
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,9 @@ def _require_bitsandbytes(device: str) -> None:
             "QLoRA needs bitsandbytes, which is not installed",
             "pip install 'deepfusion-edge[qlora]', or train without --qlora",
         ) from None
-    version = tuple(int(part) for part in re.findall(r"\d+", bitsandbytes.__version__)[:2])
-    if device == "cpu" and version < _BNB_CPU:
+    from packaging.version import Version  # installed with transformers
+
+    if device == "cpu" and Version(bitsandbytes.__version__) < Version(_BNB_CPU):
         raise ModelError(
             ErrorCode.MISSING_EXTRA,
             f"bitsandbytes {bitsandbytes.__version__} runs 4-bit layers on CUDA only",
