@@ -49,6 +49,7 @@ INDEX = "index.json"
 PACKETS = "packets"
 _SUFFIX = ".dfk"
 _TEMP = ".partial"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SpoolFull(RuntimeError):
@@ -268,7 +269,7 @@ class Spool:
         try:
             _write_durably(self.directory / INDEX, data)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._acked:
+            if exc.errno not in _DISK_FULL or not self._acked:
                 raise
             # The spool may have filled the disk itself: the index that drops the acknowledged packets
             # can be written only once their files are gone. A crash before it is finds them missing;
@@ -320,7 +321,7 @@ class Spool:
         try:
             self._save()
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno not in _DISK_FULL:
                 raise
             # A full disk must not keep the device from starting: sending its packets is what frees
             # room. The index on disk still describes them; a start after a crash recovers the same.
