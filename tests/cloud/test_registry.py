@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deepfusion.cloud.registry import FederationView
 from deepfusion.shared.messages import ReleaseNote, encode_message
 from deepfusion.shared.mqtt import Message, MqttClient
@@ -18,15 +20,22 @@ def _publish_retained(client: MqttClient, *devices: str, release: bool = False) 
         client.publish_and_wait(release_topic(FED), encode_message(note), retain=True)
 
 
-def test_a_reconnected_view_forgets_what_the_broker_stopped_retaining_while_it_was_away(broker) -> None:
+@pytest.mark.parametrize("subscribed", ["before connecting", "once connected"])
+def test_a_reconnected_view_forgets_what_the_broker_stopped_retaining_while_it_was_away(
+    broker, subscribed: str
+) -> None:
     """The broker resends what it retains to a client that comes back, and nothing for a topic cleared
-    meanwhile (a closed round, a removed device): the view must not keep those for ever."""
+    meanwhile (a closed round, a removed device): the view must not keep those for ever. Services
+    subscribe it before connecting (ingest) or after (status)."""
     with MqttClient(broker.config(), "publisher") as publisher:
         _publish_retained(publisher, "pi-a", "pi-b", release=True)
     view = FederationView(FED, refresh_quiet_s=0.3)
     watcher = MqttClient(broker.config(), "watcher")
-    view.subscribe(watcher)
+    if subscribed == "before connecting":
+        view.subscribe(watcher)
     watcher.connect()
+    if subscribed == "once connected":
+        view.subscribe(watcher)
     try:
         view.wait_settled(0.3)
         assert set(view.cards()) == {"pi-a", "pi-b"} and view.release is not None

@@ -99,7 +99,6 @@ class FederationView:
         self._release: ReleaseNote | None = None
         self._version = 0
         self._last_update = time.monotonic()
-        self._connections = 0
         # Topics heard since the last reconnect, (kind, device); None when no refresh is under way.
         self._heard: set[tuple[TopicKind, str | None]] | None = None
 
@@ -154,7 +153,7 @@ class FederationView:
 
     def subscribe(self, client: MqttClient) -> None:
         """Subscribe `client` to every retained topic of the federation (before or after connect)."""
-        client.add_connect_listener(self._connected)
+        client.add_reconnect_listener(self._reconnected)
         client.subscribe(device_filter(self.federation, TopicKind.CARD), self.handle)
         client.subscribe(device_filter(self.federation, TopicKind.STATUS), self.handle)
         client.subscribe(round_topic(self.federation), self.handle)
@@ -218,12 +217,9 @@ class FederationView:
 
             self._update(change)
 
-    def _connected(self) -> None:
-        """A connection (network thread): after a reconnect, start listening for what is retained now."""
+    def _reconnected(self) -> None:
+        """A reconnect (network thread): start listening for what is retained now."""
         with self._cond:
-            self._connections += 1
-            if self._connections == 1:
-                return  # the view is empty: nothing in it can be stale
             self._heard = set()
             self._last_update = time.monotonic()
         threading.Thread(target=self._drop_unheard, name="view-refresh", daemon=True).start()

@@ -160,7 +160,7 @@ class MqttClient:
         self._suback_ignored: set[int] = set()  # mids of re-subscriptions and abandoned waits
         # Counts accepted connections: a SUBSCRIBE sent on an earlier one gets no SUBACK on a later one.
         self._connections = 0
-        self._connect_listeners: list[Callable[[], None]] = []
+        self._reconnect_listeners: list[Callable[[], None]] = []
         self._puback_failures: dict[int, ReasonCode] = {}
         # QoS 1 publishes not yet acked; no more can be in flight than MQTT has packet ids.
         self._unconfirmed: deque[paho.MQTTMessageInfo] = deque(maxlen=65535)
@@ -429,12 +429,12 @@ class MqttClient:
                 self._subscriptions.pop(topic_filter, None)
             raise MqttError(f"the MQTT broker refused the subscription to {topic_filter!r}: {codes[0]}")
 
-    def add_connect_listener(self, listener: Callable[[], None]) -> None:
-        """Call `listener()` on every accepted connection, before any message it brings (on the network
-        thread: keep it short). After a reconnect the broker sends the retained messages again, but
+    def add_reconnect_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` on every accepted connection after the first, before any message it brings
+        (on the network thread: keep it short). The broker then sends the retained messages again, but
         nothing for a topic cleared meanwhile: a view of retained state learns here that it must check."""
         with self._lock:
-            self._connect_listeners.append(listener)
+            self._reconnect_listeners.append(listener)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Forget a subscription and tell the broker."""
@@ -517,12 +517,12 @@ class MqttClient:
                 self._suback_results.clear()
                 self._cond.notify_all()
                 subscriptions = [(s.topic_filter, s.qos) for s in self._subscriptions.values()]
-                listeners = list(self._connect_listeners)
+                listeners = list(self._reconnect_listeners) if self._connections > 1 else []
             for listener in listeners:
                 try:
                     listener()
                 except Exception:  # a listener must not stop the client from subscribing again
-                    log.exception("mqtt connect listener failed client_id=%s", self._client_id)
+                    log.exception("mqtt reconnect listener failed client_id=%s", self._client_id)
             if subscriptions:
                 # Its SUBACK is read only after this callback returns, so the mid is registered in time.
                 rc, mid = client.subscribe(subscriptions)
