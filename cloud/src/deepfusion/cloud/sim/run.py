@@ -274,7 +274,7 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     # A bad --store or --broker fails here, not after the assets and devices (minutes to hours).
     store_uri = options.store or str(out / "store")
     store = open_store(store_uri)
-    broker = _mqtt(options.broker) if options.broker is not None else None
+    given = _mqtt(options.broker) if options.broker is not None else None
     per_domain = max(sum(t.domain == d for _, t, _ in fleet) for d in ("medical", "finance"))
     step = _Phases(console)
 
@@ -313,10 +313,11 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     accounts = _enroll(security, profile.federation, names) if security else {}
     listener = broker_listener_config(security) if security else ["allow_anonymous true"]
     embedded: EmbeddedBroker | None = None
-    if broker is None:
+    if given is None:
         embedded = EmbeddedBroker(workdir=work / "mosquitto", listener_config=listener).start()
-        broker = embedded.config()
-    mqtt = broker
+        mqtt = embedded.config()
+    else:
+        mqtt = given
 
     def account(name: str) -> MqttConfig:
         """`name`'s credentials on this broker (anonymous when the run is not secured)."""
