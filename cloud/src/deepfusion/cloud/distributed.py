@@ -43,9 +43,14 @@ class Ranks:
         return cls(dist.get_rank(), dist.get_world_size())
 
     def close(self) -> None:
-        """Leave the process group (torchrun's processes should before they exit)."""
+        """Leave the process group (torchrun's processes should before they exit) once every rank is done
+        with it: a rank that tore it down while rank 0 still gathered the last state aborted (gloo:
+        "terminate called without an active exception")."""
         if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
     @property
     def main(self) -> bool:
