@@ -116,3 +116,24 @@ def test_a_stored_packet_resent_after_its_round_closed_is_a_duplicate(store):
     refused = store_packet(store, "fed", topic, never, max_bytes=1 << 20, context=closed)
     assert not refused.accepted and refused.reason is RejectReason.ROUND_CLOSED
     assert list(store.list("fed/")) == [knowledge_key("fed", 3, "dev-1", first.packet)]
+
+
+@pytest.mark.parametrize("header", [{"patches": 3}, {"stages": 5}, {"top_k": 16}])
+def test_a_packet_scored_with_other_round_settings_is_refused(store, header):
+    """The trainer builds one feature model of the round's J and P for all of a round's packets: one
+    packet pooled with another P or J made its feature loss fail on mismatched shapes."""
+    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
+    spec = RoundSpec(
+        federation="fed", round=3, tokenizer=FINGERPRINT, shards=[shard], top_k=8, stages=4, patches=2,
+        assignments={"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]},
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )  # fmt: skip
+    context = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: spec})
+    topic = knowledge_topic("fed", "dev-1")
+    common = {"device": "dev-1", "federation": "fed", "shard": "shard-0", "sequences": 1}
+    same = encode(make_packet(seed=1, **common))
+    assert store_packet(store, "fed", topic, same, max_bytes=1 << 20, context=context).accepted
+    other = encode(make_packet(seed=2, **common, **header))
+    ack = store_packet(store, "fed", topic, other, max_bytes=1 << 20, context=context)
+    assert not ack.accepted and ack.reason is RejectReason.BAD_METADATA
+    assert f"{next(iter(header))}=" in ack.detail

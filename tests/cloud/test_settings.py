@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,40 @@ def test_the_defaults_and_the_documented_example_still_load() -> None:
         None, ["federation=demo", "ingest.share_group=ingest-2", "coordinator.round_s=3600"]
     )
     assert config.federation == "demo" and config.ingest.share_group == "ingest-2"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["coordinator.stages=65"], "coordinator.stages: Input should be less than or equal to 64"),
+        (["coordinator.patches=1025"], "coordinator.patches: Input should be less than or equal to 1024"),
+        (["coordinator.top_k=4097"], "coordinator.top_k: Input should be less than or equal to 4096"),
+        (
+            ["coordinator.top_k=4096", "coordinator.max_tokens=4096"],
+            "coordinator: Value error, max_tokens=4096 at top_k=4096",
+        ),
+        (
+            ["coordinator.packet_budget=2000000"],
+            "coordinator.packet_budget=2000000 is above ingest.max_packet_bytes=1048576",
+        ),
+    ],
+)
+def test_round_settings_no_device_or_ingest_could_satisfy_are_a_config_error(
+    overrides: list[str], message: str
+) -> None:
+    """The packet codec's limits: the coordinator would otherwise publish a round whose packets no
+    device can build, or that ingest refuses one by one."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_cloud_config(None, overrides)
+
+
+def test_round_settings_at_the_codecs_limits_load() -> None:
+    config = load_cloud_config(
+        None,
+        [
+            "coordinator.top_k=4096", "coordinator.stages=64", "coordinator.patches=1024",
+            "coordinator.max_tokens=2046", "coordinator.packet_budget=4000000",
+            "ingest.max_packet_bytes=4000000",
+        ],
+    )  # fmt: skip
+    assert config.coordinator.top_k == 4096 and config.coordinator.packet_budget == 4_000_000

@@ -9,6 +9,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from deepfusion.shared.messages import (
+    MAX_PATCHES,
+    MAX_STAGES,
+    MAX_TOP_K,
     Ack,
     DeviceCard,
     DeviceState,
@@ -23,6 +26,7 @@ from deepfusion.shared.messages import (
     decode_message,
     encode_message,
 )
+from deepfusion.shared.packets import PacketHeader
 
 FP = "0f" * 32
 
@@ -116,6 +120,33 @@ def test_invalid_messages_say_what_is_wrong(build, field):
     with pytest.raises(ValueError) as info:
         build()
     assert field in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("top_k", MAX_TOP_K + 1), ("stages", MAX_STAGES + 1), ("patches", MAX_PATCHES + 1)]
+)
+def test_a_round_beyond_the_packet_codecs_limits_is_refused(field, value):
+    """Devices copy these into every packet header, which the codec holds to the same limits: such a
+    round could not be scored at all."""
+    with pytest.raises(ValueError, match=rf"{field}\n.*less than or equal to {value - 1}"):
+        round_spec(**{field: value})
+
+
+def test_a_round_at_the_codecs_limits_gives_packet_headers_devices_can_build():
+    spec = round_spec(top_k=MAX_TOP_K, stages=MAX_STAGES, patches=MAX_PATCHES, max_tokens=8)
+    header = PacketHeader(
+        federation="fed", round=spec.round, device="pi-1", shard="s0", tokenizer=FP, vocab_size=2**16,
+        top_k=spec.top_k, stages=spec.stages, patches=spec.patches,
+    )  # fmt: skip
+    assert (header.top_k, header.stages, header.patches) == (MAX_TOP_K, MAX_STAGES, MAX_PATCHES)
+
+
+def test_a_round_whose_windows_cannot_fit_a_packet_is_refused():
+    """At k = 4096 a token takes 16 KiB even with 16-bit ids: 2048 of them are over the 32 MiB a packet
+    may hold, so every full window would be left out of every packet."""
+    with pytest.raises(ValueError, match="max_tokens=2048 at top_k=4096"):
+        round_spec(top_k=MAX_TOP_K, max_tokens=2048)
+    assert round_spec(top_k=MAX_TOP_K, max_tokens=2046).max_tokens == 2046
 
 
 def test_not_json_is_a_message_error():

@@ -15,6 +15,7 @@ from deepfusion.shared.messages import RejectReason
 from deepfusion.shared.packets import (
     DEFAULT_BUDGET,
     MAGIC,
+    MAX_TOP_K,
     KnowledgePacket,
     PacketBuilder,
     PacketError,
@@ -24,6 +25,7 @@ from deepfusion.shared.packets import (
     decode,
     dequantize_features,
     encode,
+    mass_limit,
     quantize_features,
     sentinel_for,
 )
@@ -318,7 +320,7 @@ def _reference_reason(tensors: Tensors, vocab_size: int) -> RejectReason | None:
             return RejectReason.BAD_LOGPROBS
         if not np.isneginf(row_lp[~real]).all():
             return RejectReason.BAD_LOGPROBS
-    if (np.exp(logprobs).sum(axis=1) > 1 + 2e-3).any():
+    if (np.exp(logprobs).sum(axis=1) > mass_limit(ids.shape[1])).any():
         return RejectReason.MASS_EXCEEDS_ONE
     feats = tensors["features"].astype(np.float32)
     if not np.isfinite(feats).all() or (np.abs(feats) > 1e4).any():
@@ -372,6 +374,71 @@ def test_bit_level_checks_agree_with_plain_float32_rules():
         RejectReason.MASS_EXCEEDS_ONE,
         RejectReason.BAD_FEATURES,
     }
+
+
+def _rounds_up(grid: float) -> float:
+    """A log-prob just above the float16 midpoint below `grid`: float16 rounds it up to `grid`."""
+    step = float(np.float16(grid)) - float(np.nextafter(np.float16(grid), np.float16(-np.inf)))
+    return float(np.float16(grid)) - 0.49 * step
+
+
+def _worst_honest_logits(k: int, vocab: int) -> np.ndarray:
+    """Logits whose top-k mass is at most 1 and whose top-k log-probs float16 rounds up the most.
+
+    Each top-k log-prob sits just above a float16 midpoint, as many as fit just below -8 (where the
+    step doubles to 2^-7) and the rest sharing what mass is left; the tail holds the remainder.
+    """
+    edge = _rounds_up(-8.0)
+    best, best_mass = np.empty(0), 0.0
+    for n in range(0, k + 1, max(1, k // 128)):
+        rest, m = 1 - n * np.exp(edge), k - n
+        if rest <= 0:
+            break
+        grid = np.float16(np.log(rest / m)) if m else np.float16(0)
+        while m and n * np.exp(edge) + m * np.exp(_rounds_up(grid)) > 1:
+            grid = np.nextafter(grid, np.float16(-np.inf))
+        row = np.array([_rounds_up(grid)] * m + [edge] * n)
+        mass = float(np.exp(row.astype(np.float16).astype(np.float64)).sum())
+        if mass > best_mass:
+            best, best_mass = row, mass
+    left = 1 - np.exp(best).sum()
+    return np.concatenate([best, np.full(vocab - k, np.log(left / (vocab - k)))])
+
+
+@pytest.mark.parametrize("k", [64, 256, 1024, MAX_TOP_K])
+def test_honest_rows_that_float16_rounds_above_one_are_accepted(k):
+    """Float16 rounding of k log-probs can lift an honest row's mass by up to k^(2^-11) - 1: 3.4e-3 at
+    k = 1024, which a fixed tolerance of 2e-3 refused."""
+    vocab = 4 * MAX_TOP_K
+    logits = np.tile(_worst_honest_logits(k, vocab), (3, 1)).astype(np.float32) + np.float32(7.0)
+    # The float32 log-softmax a device computes (deepfusion.edge.topk), then the real encoder.
+    peak = logits.max(axis=1, keepdims=True)
+    logprobs = logits - (peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True)))
+    top = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    top_lp = np.minimum(np.take_along_axis(logprobs, top, axis=1), 0)
+    assert np.exp(top_lp.astype(np.float64)).sum(axis=1).max() <= 1 + 1e-6  # honest
+    float16_mass = np.exp(top_lp.astype(np.float16).astype(np.float64)).sum(axis=1).max()
+    assert float16_mass > 1 + 1e-3  # rounded well above one: the case at issue
+    header = make_header(vocab_size=vocab, top_k=k, feature_stages=(), feature_width=0)
+    starts = np.arange(3, dtype=np.uint32) * 5
+    sequence = SequenceKnowledge(
+        sequence_id=0,
+        token_ids=np.arange(3),
+        offsets=np.stack([starts, starts + 4], axis=1),
+        topk_ids=top,
+        topk_logprobs=top_lp,
+        nll=2.0,
+    )
+    builder = PacketBuilder(header)
+    (data,) = builder.add(sequence) + builder.flush()
+    assert decode(data).num_tokens == 3
+    # The limit is no wider than the rounding needs: the row lifted by twice the allowance is refused.
+    tensors, meta = KnowledgePacket.from_sequences(header, [sequence]).tensors(), header.to_metadata()
+    tensors["topk_logprobs"] = (top_lp + 2 * np.log(mass_limit(k))).astype(np.float16)
+    assert np.exp(tensors["topk_logprobs"].astype(np.float64)).sum(axis=1).max() > mass_limit(k)
+    with pytest.raises(PacketError) as info:
+        decode(raw_bytes(tensors, meta))
+    assert info.value.reason == RejectReason.MASS_EXCEEDS_ONE
 
 
 def test_duplicate_ids_found_with_32_bit_ids_and_padding_is_not_a_duplicate():

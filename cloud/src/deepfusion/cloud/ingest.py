@@ -78,6 +78,14 @@ class IngestContext:
                 RejectReason.TOKENIZER_MISMATCH,
                 f"packet tokenizer {h.tokenizer[:12]} is not the card's {announced[:12]}",
             )
+        # The trainer sizes its feature model by one J and P per round, so a packet pooled otherwise
+        # would fail it; a larger k than the round's cap would only break the cap.
+        if (h.stages, h.patches) != (spec.stages, spec.patches) or h.top_k > spec.top_k:
+            return Rejection(
+                RejectReason.BAD_METADATA,
+                f"packet has stages={h.stages}, patches={h.patches}, top_k={h.top_k}; round {h.round} "
+                f"asks stages={spec.stages}, patches={spec.patches}, top_k <= {spec.top_k}",
+            )
         ranges = [a for a in spec.assignments.get(h.device, ()) if a.shard == h.shard]
         if not ranges:
             return Rejection(

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from deepfusion.shared.config import MqttConfig, Section, StoreConfig, load_config
+from deepfusion.shared.messages import MAX_PATCHES, MAX_STAGES, MAX_TOP_K, check_window
 from deepfusion.shared.topics import validate_id
 
 __all__ = ["CloudConfig", "CoordinatorSection", "IngestSection", "StatusSection", "load_cloud_config"]
@@ -93,10 +94,12 @@ class CoordinatorSection(Section):
     tick_s: float = Field(
         1.0, gt=0, le=MAX_WAIT_S, description="Seconds between two looks at coverage and releases."
     )
-    top_k: int = Field(32, ge=1, le=1024, description="Cap on next-token log-probs per token.")
+    top_k: int = Field(32, ge=1, le=MAX_TOP_K, description="Cap on next-token log-probs per token.")
     top_p: float | None = Field(0.95, gt=0, le=1, description="Keep the shortest top-k prefix reaching p.")
-    stages: int = Field(4, ge=0, description="J: layer groups whose pooled hidden states devices send.")
-    patches: int = Field(4, ge=1, description="P: patches per stage.")
+    stages: int = Field(
+        4, ge=0, le=MAX_STAGES, description="J: layer groups whose pooled hidden states devices send."
+    )
+    patches: int = Field(4, ge=1, le=MAX_PATCHES, description="P: patches per stage.")
     max_tokens: int = Field(256, ge=8, description="Longest window (tokens) a device scores at once.")
     packet_budget: int = Field(120 * 1024, ge=1024, description="Max compressed bytes per packet.")
     tokenizer: str | None = Field(
@@ -106,6 +109,11 @@ class CoordinatorSection(Section):
     )
     seed: int = Field(0, description="KMeans seed.")
     first_round: int = Field(0, ge=0, description="Id of the first round when the store holds none.")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> CoordinatorSection:
+        check_window(self.max_tokens, self.top_k)  # the RoundSpec's rule, before any round is planned
+        return self
 
 
 class StatusSection(Section):
@@ -125,6 +133,17 @@ class CloudConfig(Section):
     @classmethod
     def _topic_level(cls, value: str) -> str:
         return validate_id(value, "federation id")  # a level of every topic and the first of every key
+
+    @model_validator(mode="after")
+    def _budget_within_ingest(self) -> CloudConfig:
+        # Devices fill packets up to the round's budget: above ingest's limit, nearly all are refused.
+        budget, limit = self.coordinator.packet_budget, self.ingest.max_packet_bytes
+        if budget > limit:
+            raise ValueError(
+                f"coordinator.packet_budget={budget} is above ingest.max_packet_bytes={limit}: "
+                "ingest would refuse the packets devices fill to the budget"
+            )
+        return self
 
 
 def load_cloud_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CloudConfig:

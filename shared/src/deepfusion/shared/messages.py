@@ -25,6 +25,11 @@ from deepfusion.shared.topics import validate_id
 
 __all__ = [
     "EMBEDDING_DIM",
+    "MAX_DECOMPRESSED",
+    "MAX_FEATURE_WIDTH",
+    "MAX_PATCHES",
+    "MAX_STAGES",
+    "MAX_TOP_K",
     "SCHEMA_VERSION",
     "Ack",
     "Backend",
@@ -39,12 +44,22 @@ __all__ = [
     "RoundSpec",
     "ShardAssignment",
     "ShardRef",
+    "check_window",
     "decode_message",
     "encode_message",
 ]
 
 SCHEMA_VERSION = 1
 EMBEDDING_DIM = 32  # the data embedding e_n: MiniLM mean embedding projected to 32 dims, int8
+
+# Limits of the packet codec (`packets.py` enforces and re-exports them). They live here, below the
+# codec, so that a RoundSpec (and the coordinator's settings) can be held to them: a round beyond them
+# asks for packets that no device can encode or that ingest refuses, every one of them.
+MAX_TOP_K = 4096
+MAX_STAGES = 64
+MAX_PATCHES = 1024
+MAX_FEATURE_WIDTH = 65536
+MAX_DECOMPRESSED = 32 * 1024 * 1024  # a decompression bomb stops here
 
 MessageT = TypeVar("MessageT", bound="Message")
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -190,6 +205,21 @@ class ShardAssignment(Message):
         return self
 
 
+def check_window(max_tokens: int, top_k: int) -> None:
+    """Refuse round settings under which no window of `max_tokens` fits a packet, whatever the device.
+
+    A packet holds at least one whole window, and the codec decompresses at most `MAX_DECOMPRESSED`
+    bytes. Counted in its smallest encoding (16-bit ids, no features): per token, its id (2 bytes),
+    offsets (8) and k ids and float16 log-probs (4 each).
+    """
+    size = max_tokens * (2 + 8 + 4 * top_k)
+    if size > MAX_DECOMPRESSED:
+        raise ValueError(
+            f"max_tokens={max_tokens} at top_k={top_k}: one window takes {size} bytes, over the "
+            f"{MAX_DECOMPRESSED} a packet may hold; lower max_tokens or top_k"
+        )
+
+
 class RoundSpec(Message):
     """One round of the federation; retained on `rounds/current`."""
 
@@ -200,10 +230,10 @@ class RoundSpec(Message):
     assignments: dict[str, list[ShardAssignment]] = Field(
         description="device id -> the shard ranges it scores."
     )
-    top_k: int = Field(ge=1, le=1024, description="Cap on next-token log-probs kept per token.")
+    top_k: int = Field(ge=1, le=MAX_TOP_K, description="Cap on next-token log-probs kept per token.")
     top_p: float | None = Field(None, gt=0, le=1, description="Keep the shortest top-k prefix reaching p.")
-    stages: int = Field(ge=0, description="J")
-    patches: int = Field(ge=1, description="P")
+    stages: int = Field(ge=0, le=MAX_STAGES, description="J")
+    patches: int = Field(ge=1, le=MAX_PATCHES, description="P")
     max_tokens: int = Field(256, ge=8, description="Longest sequence (tokens) a device scores at once.")
     packet_budget: int = Field(120 * 1024, ge=1024, description="Max compressed bytes per packet.")
     deadline: UtcDatetime
@@ -213,6 +243,7 @@ class RoundSpec(Message):
 
     @model_validator(mode="after")
     def _consistent(self) -> RoundSpec:
+        check_window(self.max_tokens, self.top_k)
         known = {s.shard for s in self.shards}
         for device, ranges in self.assignments.items():
             _checked_id(device, "device id")
