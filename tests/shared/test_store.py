@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import os
 import pickle
+import re
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -443,6 +448,147 @@ def test_s3_failed_multipart_upload_is_a_store_error(
     )
     with pytest.raises(StoreError, match="no-such-bucket-here"):
         store.put("big", b"x" * (6 * MiB))
+
+
+class _CuttingProxy:
+    """A TCP proxy to the S3 server that cuts the first answer on each of its first `cuts` connections
+    half way through the body, as a connection dropped mid-download does; later traffic passes whole."""
+
+    def __init__(self, server: S3Server, cuts: int) -> None:
+        parts = urlsplit(server.endpoint_url)
+        self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._cuts = cuts
+        self._lock = threading.Lock()
+        self.requests = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def close(self) -> None:
+        # shutdown, unlike close, wakes the threads blocked in accept and in the idle keep-alive reads.
+        with self._lock:
+            for sock in [self._listener, *self._sockets]:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.create_connection(self._upstream)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for target in (self._requests, self._answers):
+                thread = threading.Thread(target=target, args=(client, upstream), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := client.recv(65536):
+                with self._lock:
+                    self.requests += chunk.count(b"GET /")
+                upstream.sendall(chunk)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_WR)
+
+    def _answers(self, client: socket.socket, upstream: socket.socket) -> None:
+        with client, upstream, contextlib.suppress(OSError):
+            with self._lock:
+                cut = self._cuts > 0
+                self._cuts = max(self._cuts - 1, 0)
+            buffer = b""
+            while cut:
+                head_end = buffer.find(b"\r\n\r\n") + 4
+                if head_end >= 4:
+                    found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", buffer[:head_end])
+                    assert found, "only an answer with a Content-Length can be cut half way"
+                    length = int(found[1])
+                    if len(buffer) >= head_end + length // 2:
+                        client.sendall(buffer[: head_end + length // 2])
+                        client.shutdown(socket.SHUT_RDWR)
+                        return
+                chunk = upstream.recv(65536)
+                if not chunk:
+                    return
+                buffer += chunk
+            while chunk := upstream.recv(65536):
+                client.sendall(chunk)
+
+
+@pytest.mark.s3
+def test_s3_get_retries_a_connection_dropped_mid_body(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """botocore retries a GET only until its headers arrive; a body cut short must not fail the read."""
+    from deepfusion.shared.store.s3 import S3Store
+
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    prefix = f"test-{uuid.uuid4().hex}"
+    data = os.urandom(300_000)
+    S3Store(s3_server.bucket, prefix, endpoint_url=s3_server.endpoint_url).put("fed/packet.dfk", data)
+    proxy = _CuttingProxy(s3_server, cuts=1)
+    try:
+        store = S3Store(s3_server.bucket, prefix, endpoint_url=proxy.endpoint_url, max_attempts=3)
+        assert store.get("fed/packet.dfk") == data
+        assert proxy.requests == 2
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
+def test_s3_get_of_a_body_always_cut_short_is_a_store_error(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from deepfusion.shared.store.s3 import S3Store
+
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    prefix = f"test-{uuid.uuid4().hex}"
+    S3Store(s3_server.bucket, prefix, endpoint_url=s3_server.endpoint_url).put("k", os.urandom(300_000))
+    proxy = _CuttingProxy(s3_server, cuts=1000)
+    try:
+        store = S3Store(s3_server.bucket, prefix, endpoint_url=proxy.endpoint_url, max_attempts=3)
+        with pytest.raises(StoreError) as info:
+            store.get("k")
+        assert f"connection to {proxy.endpoint_url} broke off while receiving it, 3 times" in str(info.value)
+        assert type(info.value) is StoreError
+        assert proxy.requests == 3
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
+def test_s3_get_retries_a_tls_record_broken_mid_body(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A TLS record damaged in transit (bad record MAC) fails the body read with urllib3's SSLError,
+    which botocore does not wrap. The test server speaks plain HTTP, so the first body read fails as
+    the ssl module would fail it; urllib3 and botocore above it run as they do over TLS."""
+    from deepfusion.shared.store.s3 import S3Store
+
+    _use_server_credentials(monkeypatch, s3_server, tmp_path)
+    store = S3Store(s3_server.bucket, f"test-{uuid.uuid4().hex}", endpoint_url=s3_server.endpoint_url)
+    data = os.urandom(300_000)
+    store.put("fed/packet.dfk", data)
+    failures = iter([ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] bad record mac")])
+    read = http.client.HTTPResponse.read
+
+    def damaged_read(self: http.client.HTTPResponse, amt: int | None = None) -> bytes:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return read(self, amt)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", damaged_read)
+    assert store.get("fed/packet.dfk") == data
+    assert next(failures, None) is None
 
 
 @pytest.mark.s3

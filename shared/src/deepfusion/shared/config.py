@@ -78,7 +78,9 @@ class StoreConfig(Section):
     presign_expiry_s: int = Field(
         900, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned GET URLs handed to devices."
     )
-    max_attempts: int = Field(8, ge=1, le=30, description="S3 attempts per call (throttling and 5xx).")
+    max_attempts: int = Field(
+        8, ge=1, le=30, description="S3 attempts per call (throttling, 5xx, a body cut off)."
+    )
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

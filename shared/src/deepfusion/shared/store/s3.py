@@ -1,8 +1,9 @@
 """The object store in an S3 bucket (AWS, or any S3 API: MinIO, Ceph, SeaweedFS).
 
 Needs the `s3` extra (`pip install 'deepfusion-shared[s3]'`); nothing else in the package imports boto3.
-Throttling and 5xx answers are retried with backoff by botocore itself ("standard" retry mode), so no
-call here loops on its own.
+Throttling and 5xx answers are retried with backoff by botocore itself ("standard" retry mode). Those
+retries end once an answer's headers are in, so `get` alone loops: it asks again, up to the same number
+of attempts, when the connection breaks while the object's body streams in.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
+from urllib3.exceptions import SSLError as URLLib3SSLError
 
 from deepfusion.shared.store import ObjectNotFound, StoreError, validate_key, validate_prefix
 
@@ -39,6 +42,9 @@ _REFUSED = {
     "Forbidden",
 }
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+# What reading a body raises when the connection breaks midway: the errors s3transfer retries in its
+# downloads, and a TLS record damaged in transit, which botocore lets through as urllib3's own error.
+_BODY_BROKEN = (*S3_RETRYABLE_DOWNLOAD_ERRORS, URLLib3SSLError)
 
 
 class S3Store:
@@ -65,6 +71,7 @@ class S3Store:
         self.bucket = bucket
         self.prefix = validate_key(prefix) + "/" if prefix else ""
         self.presign_expiry_s = presign_expiry_s
+        self.max_attempts = max_attempts
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             signature_version="s3v4",
@@ -85,10 +92,13 @@ class S3Store:
     def _name(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
+    def _where(self, key: str | None) -> str:
+        return f"s3://{self.bucket}/{self.prefix}{key or ''}"
+
     @contextmanager
     def _errors(self, action: str, key: str | None = None) -> Iterator[None]:
         """Turn botocore's exceptions into StoreErrors that say what to fix."""
-        where = f"s3://{self.bucket}/{self.prefix}{key or ''}"
+        where = self._where(key)
         try:
             yield
         except ClientError as exc:
@@ -150,10 +160,25 @@ class S3Store:
         return True
 
     def get(self, key: str) -> bytes:
+        """One GET, repeated whole when the connection breaks while the body streams in.
+
+        Whole again rather than resumed with a Range: that can never splice two versions of an object
+        rewritten in between, at the price of receiving once more the part that had arrived.
+        """
         name = self._name(key)
+        attempt = 1
         with self._errors("read", key):
-            response = self._client.get_object(Bucket=self.bucket, Key=name)
-            return response["Body"].read()
+            while True:
+                response = self._client.get_object(Bucket=self.bucket, Key=name)
+                try:
+                    return response["Body"].read()
+                except _BODY_BROKEN as exc:
+                    if attempt >= self.max_attempts:
+                        raise StoreError(
+                            f"cannot read {self._where(key)}: the connection to {self.endpoint_url} broke "
+                            f"off while receiving it, {attempt} times ({exc})"
+                        ) from exc
+                attempt += 1
 
     def exists(self, key: str) -> bool:
         """A missing bucket also reads as False: a HEAD answer has no body to tell the two 404s apart."""
