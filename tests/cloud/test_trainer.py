@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -372,6 +373,15 @@ def test_train_command_refuses_a_batch_or_window_too_small_to_use(tmp_path: Path
         assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
 
 
+def test_train_command_refuses_a_release_version_it_could_not_publish(tmp_path: Path) -> None:
+    """Before any training: '..' used to fail in the store after phase II (a traceback), and 'a/b'
+    wrote a release one folder too deep for the coordinator to find."""
+    args = ["train", "--round", "0", "--base", str(tmp_path), "--no-publish"]
+    for version in ("..", "a/b", "a\\b"):
+        result = CliRunner().invoke(app, [*args, "--version", version])
+        assert result.exit_code == 2 and "Invalid value for --version" in result.output, result.output
+
+
 def test_train_command_applies_the_bias_update_to_a_deepseek_release(
     round_store: str, tokenizer_dir: Path, tmp_path: Path
 ) -> None:
@@ -530,6 +540,59 @@ def test_a_rerun_from_another_base_does_not_resume_the_old_checkpoints(tmp_path:
     train_round(store, FED, ROUND, other, tokenizer, spec, sink=seen.append)
     steps = [m.step for m in seen if m.phase == "phase II cluster 0"]
     assert steps[0] == 1, steps  # started over; resuming would have begun at step 3
+
+
+def test_a_killed_student_with_dropout_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """Dropout draws from torch's generator: the checkpoint carries its state, so the resumed steps
+    drop what the uninterrupted run's did."""
+    from transformers import Qwen2ForCausalLM
+
+    from deepfusion.cloud.checkpoints import Checkpoints
+    from deepfusion.shared.messages import Metrics
+
+    config = tiny_student(64).config
+    config.attention_dropout = 0.3
+    torch.manual_seed(0)
+    base = Qwen2ForCausalLM(config)
+    rng = np.random.default_rng(0)
+    windows = [rng.integers(0, 64, 12) for _ in range(8)]
+    epochs = {0: lambda e: window_batches(windows, 2, seed=e)}
+    spec = StudentSpec(steps=6, batch_size=2)
+    whole, _ = train_students(epochs, {0: base}, spec)
+
+    checkpoints = Checkpoints(open_store(str(tmp_path / "store")), FED, ROUND, fingerprint="f")
+
+    def die(metric: Metrics) -> None:
+        if metric.step == 3:
+            raise _Killed
+
+    run = partial(
+        train_students, epochs, {0: base}, spec, checkpoints=checkpoints, checkpoint_every=2, metrics_every=1
+    )
+    with pytest.raises(_Killed):
+        run(sink=die)
+    seen: list[Metrics] = []
+    resumed, _ = run(sink=seen.append)
+    assert [m.step for m in seen] == [3, 4, 5, 6]  # resumed after the checkpoint of step 2
+    reference = whole[0].state_dict()
+    for key, value in resumed[0].state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.serialization
+
+    from deepfusion.cloud.checkpoints import Checkpoints
+
+    checkpoints = Checkpoints(open_store(str(tmp_path / "store")), FED, ROUND, fingerprint="f")
+    with monkeypatch.context() as patched:
+        # The bytes a GPU run writes: every storage tagged with its device.
+        patched.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+        checkpoints.save(0, {"trainer": {"weight": torch.ones(3)}, "done": False})
+    state = checkpoints.load(0)
+    assert state is not None and torch.equal(state["trainer"]["weight"], torch.ones(3))
 
 
 @pytest.mark.slow

@@ -98,3 +98,23 @@ def test_a_student_with_fewer_layers_than_stages_matches_each_teacher_stage_at_i
     last_moved = torch.zeros(2, 2, 8)
     last_moved[1] = 100.0
     assert fm(last_moved) > fm(torch.zeros(2, 2, 8)) + 1000  # the last stage is not dropped
+
+
+def test_a_batch_without_teacher_features_trains_and_measures_no_feature_gradient() -> None:
+    """A cluster may mix devices that pool features with devices whose backend exposes none; a batch
+    scored only by the latter leaves L_FM a constant, which the gradient-ratio measurement must take
+    as zero gradient, not fail on."""
+    from deepfusion.cloud.data import Batch, TeacherRow, pad_windows
+    from deepfusion.cloud.students import StudentSpec, StudentTrainer
+
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(get_preset("student-tiny").config(64, num_hidden_layers=2))
+    trainer = StudentTrainer(student, StudentSpec(alpha=0.1, steps=1), stages=2, patches=2, widths=[8])
+    ids, mask, lengths = pad_windows([np.arange(10), np.arange(6)])
+    rows = [
+        TeacherRow(s, "d", 1.0, torch.zeros(n, 1, dtype=torch.long), torch.zeros(n, 1), None, (), 0)
+        for s, n in enumerate((10, 6))
+    ]
+    losses = trainer.step(Batch(ids, mask, lengths, rows))  # step 1 measures the ratio
+    assert losses["fm"] == 0.0 and losses["fm_ce_grad"] == 0.0
+    assert np.isfinite(losses["loss"])

@@ -46,7 +46,9 @@ class Checkpoints:
         except ObjectNotFound:
             return None
         try:
-            state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+            # Onto the CPU: the tensors of a GPU run name its device, which the resuming machine (or
+            # rank) may not have; `load_state_dict` puts them where the trainer's parameters are.
+            state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as exc:  # truncated or foreign bytes; torch raises several types for them
             raise ValueError(
                 f"the phase II checkpoint {self._key(cluster)} is unreadable ({type(exc).__name__}: {exc}); "

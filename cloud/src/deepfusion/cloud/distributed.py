@@ -83,7 +83,10 @@ class Ranks:
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        # NCCL reduces GPU tensors only ("No backend type associated with device type cpu"): there
+        # the value goes through this rank's GPU, which `resolve_device` made the current one.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return float(tensor.item()) / self.world
 

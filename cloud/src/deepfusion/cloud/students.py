@@ -165,6 +165,9 @@ class StudentTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "steps": self.steps,
+            # Dropout (the student's config, the VAA's) draws from these: a resumed run must draw
+            # what the uninterrupted one would have.
+            "rng": self._rng_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -174,6 +177,17 @@ class StudentTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.steps = int(state["steps"])
+        rng = state.get("rng", {})  # absent from checkpoints of older versions: they resume as before
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":  # a GPU run may resume on the CPU
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def step(self, batch: Batch) -> dict[str, float]:
         self.student.train()

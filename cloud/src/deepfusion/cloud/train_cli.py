@@ -37,6 +37,19 @@ def _load(auto: Any, directory: Path, option: str, **kwargs: Any) -> Any:
         ) from None
 
 
+def _check_version(version: str) -> None:
+    """`--version` names one folder under `{fed}/releases/`: the coordinator looks for a round's release
+    exactly one level down, and the store refuses '..' and the like only once phase II has run."""
+    from deepfusion.shared.store import StoreError, validate_key
+
+    try:
+        validate_key(version)
+    except StoreError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--version") from None
+    if "/" in version:
+        raise typer.BadParameter(f"{version!r} must be one folder name, without '/'", param_hint="--version")
+
+
 def _heldout_windows(tokenizer: Any, domain: str, path: Path, tokens: int) -> list[Any]:
     """The domain's test windows; a file that gives none would report a perfect perplexity of 1."""
     from deepfusion.cloud.evaluate import token_windows
@@ -137,6 +150,8 @@ def train(
             "the expert-bias update needs the DeepSeek-V3 MoE (--architecture deepseek_v3)",
             param_hint="--bias-update",
         )
+    if version:  # empty: the default
+        _check_version(version)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sets = _eval_sets(eval_sets)
     try:

@@ -105,6 +105,8 @@ def backbone_grad_ratio(backbone: nn.Module, loss_a: torch.Tensor, loss_b: torch
     params = [p for p in backbone.parameters() if p.requires_grad]
 
     def norm(loss: torch.Tensor) -> torch.Tensor:
+        if not loss.requires_grad:  # a constant term (a batch whose teachers carry no features)
+            return loss.new_zeros(())
         grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
         squares = [(g.float() ** 2).sum() for g in grads if g is not None]
         return torch.stack(squares).sum().sqrt() if squares else loss.new_zeros(())
