@@ -226,6 +226,28 @@ def test_a_tiny_round_trains_and_releases_a_loadable_moe(
     assert out.shape[1] == prompt["input_ids"].shape[1] + 6
 
 
+def test_a_cluster_without_packets_keeps_its_starting_expert_and_the_round_is_released(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A round closed with a quorum may leave a whole cluster silent: the others still train, and the
+    release is written."""
+    root = tmp_path / "store"
+    shutil.copytree(round_store, root)
+    shutil.rmtree(root / FED / "rounds" / str(ROUND) / "knowledge" / "dev-gpt2")  # cluster 1 sent nothing
+    store = open_store(str(root))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = TrainSpec(student=StudentSpec(steps=3, batch_size=4, vaa=VAAConfig(width=32)), tune_steps=2)
+    base = tiny_student(len(tokenizer))
+    note, report = train_round(store, FED, ROUND, base, tokenizer, spec)
+
+    assert report["untrained"] == [1]
+    assert len(report["students"][0]["history"]) == 3 and report["students"][1]["history"] == []
+    assert store.exists(release_key(FED, note.version))
+    kept = AutoModelForCausalLM.from_pretrained(root / FED / "rounds" / str(ROUND) / "students" / "1")
+    for name, value in kept.state_dict().items():
+        assert torch.equal(value, base.state_dict()[name]), name
+
+
 def test_train_command_writes_the_release_and_streams_metrics(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path, broker, mqtt_client
 ) -> None:

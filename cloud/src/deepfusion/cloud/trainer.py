@@ -27,7 +27,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -295,7 +295,7 @@ def evaluate_domains(
 
 
 def train_students(
-    epochs: Mapping[int, EpochFn],
+    epochs: Mapping[int, EpochFn | None],
     init: Mapping[int, PreTrainedModel],
     spec: StudentSpec,
     *,
@@ -311,6 +311,7 @@ def train_students(
 ) -> tuple[dict[int, PreTrainedModel], dict[int, dict[str, Any]]]:
     """Phase II: one student per cluster, trained in sequence from a copy of `init[cluster]`.
 
+    A cluster whose epochs are None (no packets reached the store from it) keeps that copy untrained.
     With `checkpoints`, each cluster's state is saved every `checkpoint_every` steps and when it is
     done, and a stored state is resumed instead of starting over; the result is the same either way.
     """
@@ -319,10 +320,12 @@ def train_students(
     for cluster in sorted(epochs):
         torch.manual_seed(seed + cluster)  # the VAA's init must not depend on the clusters before it
         student = copy.deepcopy(init[cluster])
-        trainer = StudentTrainer(student, spec, stages=stages, patches=patches, widths=widths)
+        epoch = epochs[cluster]
+        cluster_spec = spec if epoch is not None else replace(spec, steps=0)
+        trainer = StudentTrainer(student, cluster_spec, stages=stages, patches=patches, widths=widths)
         run = _StudentRun(cluster, trainer, checkpoints, checkpoint_every, sink, metrics_every)
         history, before = run.resume(heldout)
-        history = run.finish(epochs[cluster], history, before)
+        history = run.finish(epoch or (lambda e: ()), history, before)
         after = evaluate_domains(student, heldout)
         ratios = [h["fm_ce_grad"] for h in history if "fm_ce_grad" in h]
         reports[cluster] = {"history": history, "before": before, "after": after, "fm_ce_grad": ratios}
@@ -458,6 +461,16 @@ def train_round(
             index = index_round(store, federation, round_id, clusters, exclude=quarantined)
 
     cluster_ids = sorted(clusters.members)
+    # A round closed at its deadline with a quorum can leave a cluster with no packets (its devices
+    # silent, or all quarantined): its expert keeps its starting student rather than failing the round.
+    silent = [c for c in cluster_ids if not index.cluster_keys(c)]
+    if len(silent) == len(cluster_ids):
+        raise ValueError(f"round {round_id} of {federation!r} has no packets left after screening")
+    for cluster in silent:
+        log.warning(
+            "round %d: no packets from cluster %d (%s): its expert keeps its starting student untrained",
+            round_id, cluster, ", ".join(sorted(clusters.members[cluster])),
+        )  # fmt: skip
     warm = previous_students(store, federation, round_id, cluster_ids) if spec.warm_start else {}
     warm = {c: move(student, base.device) for c, student in warm.items()}
     init = {c: warm.get(c, base) for c in cluster_ids}
@@ -488,7 +501,7 @@ def train_round(
 
     mine = ranks.share(cluster_ids)
     students, student_reports = train_students(
-        {c: epochs_of(c) for c in mine},
+        {c: None if c in silent else epochs_of(c) for c in mine},
         init,
         spec.student,
         stages=index.stages,
@@ -510,6 +523,7 @@ def train_round(
     report: dict[str, Any] = {
         "students": {c: r for part in ranks.gather(student_reports) for c, r in part.items()},
         "warm_start": sorted(warm),
+        "untrained": silent,
         "quarantined": quarantined,
     }
 
