@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from deepfusion.cloud.registry import FederationView
-from deepfusion.cloud.status import collect_status, render_status
+from deepfusion.cloud.status import StatusWatch, collect_status, render_status
 from deepfusion.shared.messages import ReleaseNote, encode_message
 from deepfusion.shared.mqtt import Message, MqttClient
 from deepfusion.shared.store import open_store
@@ -24,20 +24,29 @@ from tests.fixtures.broker import wait_for
 pytestmark = pytest.mark.mqtt
 
 
-def test_status_watch_shows_a_device_that_joins_after_it_started(broker, tmp_path: Path) -> None:
-    store_dir = tmp_path / "store"
-    open_store(str(store_dir))
+def _start_status(broker, store_dir: Path, *args: str) -> subprocess.Popen[str]:
     overrides = [*base_overrides(broker, str(store_dir)), "status.refresh_s=0.2"]
-    early = SimDevice(broker.config(), "pi-early")
-    early.publish_card()
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "deepfusion.cloud.cli", "status", "--watch"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepfusion.cloud.cli", "status", *args]
         + [arg for item in overrides for arg in ("--set", item)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
     )
+
+
+def _break(pointer: Path) -> None:
+    """Make the round pointer unreadable: a symlink to itself fails with ELOOP, which the local store
+    reports as a StoreError, as the S3 store reports a dropped connection."""
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.symlink_to(pointer.name)
+
+
+def test_status_watch_shows_a_device_that_joins_after_it_started(broker, tmp_path: Path) -> None:
+    early = SimDevice(broker.config(), "pi-early")
+    early.publish_card()
+    watch = _start_status(broker, tmp_path / "store", "--watch")
     late = None
     try:
         wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
@@ -105,3 +114,80 @@ def test_markup_in_a_card_or_release_is_shown_as_written(tmp_path: Path) -> None
     text = console.export_text()
     assert "llama[/] 2.5M" in text and "[bold red]gpt2 2.5M" in text
     assert "file:///r/[v1]" in text and "acc[moe]" in text
+
+
+def test_status_watch_keeps_refreshing_after_a_store_error(broker, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    pointer = store_dir / FED / "coordinator.json"
+    watch = _start_status(broker, store_dir, "--watch")
+    late = None
+    try:
+        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
+        time.sleep(1.0)
+        _break(pointer)
+        time.sleep(1.0)  # several refreshes fail
+        pointer.unlink()
+        late = SimDevice(broker.config(), "pi-late")
+        late.publish_card()
+        time.sleep(1.5)
+        watch.send_signal(signal.SIGTERM)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+        if late is not None:
+            late.client.close()
+    assert watch.returncode == 0, err[-2000:]
+    assert "pi-late" in out and "cannot read the store" not in out, out
+
+
+def test_status_watch_says_when_the_broker_is_away(broker, tmp_path: Path) -> None:
+    watch = _start_status(broker, tmp_path / "store", "--watch")
+    try:
+        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
+        time.sleep(1.0)
+        broker.stop()
+        time.sleep(1.5)
+        watch.send_signal(signal.SIGTERM)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0, err[-2000:]
+    assert "the MQTT broker is unreachable, reconnecting" in out, out
+    assert "Devices of federation 'fed'" in out, out
+
+
+def test_status_once_ends_a_store_error_with_one_line(broker, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    _break(store_dir / FED / "coordinator.json")
+    once = _start_status(broker, store_dir)
+    out, err = once.communicate(timeout=60)
+    assert once.returncode == 1, (out, err)
+    assert err.startswith("error: cannot read object 'fed/coordinator.json'"), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_status_watch_shows_a_failed_refresh_above_the_last_status(tmp_path: Path) -> None:
+    view = FederationView(FED)
+    view.handle(Message(card_topic(FED, "pi-1"), encode_message(card_for("pi-1")), qos=1, retain=True))
+    store_dir = tmp_path / "store"
+    connected = True
+    screens = StatusWatch(view, open_store(str(store_dir)), FED, lambda: connected)
+
+    def shown() -> str:
+        console = Console(width=200, record=True)
+        console.print(screens.screen())
+        return console.export_text()
+
+    assert "pi-1" in shown()
+    _break(store_dir / FED / "coordinator.json")
+    text = shown()
+    assert "cannot read the store: cannot read object 'fed/coordinator.json'" in text
+    assert "pi-1" in text
+    connected = False
+    assert "the MQTT broker is unreachable" in shown()
+    (store_dir / FED / "coordinator.json").unlink()
+    connected = True
+    text = shown()
+    assert "pi-1" in text and "cannot read" not in text and "unreachable" not in text

@@ -232,3 +232,98 @@ def test_an_export_into_the_checkpoint_folder_is_refused(fmt: str, tiny_llama: P
     result = runner.invoke(app, ["export", str(model), "--format", fmt, "-o", str(model / ".")])
     assert result.exit_code == 2 and "bad_input" in result.output, result.output
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before  # nothing written, nothing lost
+
+
+def _said(result: Any) -> str:
+    """The output with rich's line wrapping and box undone (they depend on the terminal width; a long
+    path may still be cut, so tests look for the words around it)."""
+    return " ".join(result.output.translate(str.maketrans("│╭╮╰╯", "     ")).split())
+
+
+def test_scoring_no_text_keeps_the_earlier_packets(random_models: dict[str, Path], tmp_path: Path) -> None:
+    model, output = random_models["tiny-llama"], tmp_path / "packets"
+    text, empty = tmp_path / "t.txt", tmp_path / "empty.jsonl"
+    text.write_text("some public text\n")
+    empty.write_text("\n\n")
+    assert runner.invoke(app, ["score", str(model), "-i", str(text), "-o", str(output)]).exit_code == 0
+    before = sorted(output.glob("*.dfk"))
+    result = runner.invoke(app, ["score", str(model), "-i", str(empty), "-o", str(output)])
+    assert result.exit_code == 2, result.output
+    assert "[bad_input]" in result.output and "holds no text" in _said(result)
+    assert before and sorted(output.glob("*.dfk")) == before
+
+
+@pytest.mark.parametrize("command", ["score", "finetune"])
+def test_an_unreadable_text_file_is_bad_input(
+    command: str, random_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = tmp_path / "private.txt"
+    text.write_text("some text\n")
+    real_open = Path.open
+
+    def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == text:  # chmod 000 would not stop a test run as root
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    flag = "-i" if command == "score" else "-d"
+    args = [command, str(random_models["tiny-llama"]), flag, str(text), "-o", str(tmp_path / "out")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "cannot be read (Permission denied)" in _said(result)
+
+
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir()], ids=["missing", "no-config"])
+def test_finetune_needs_a_checkpoint_directory(make: Any, tmp_path: Path) -> None:
+    model, text = tmp_path / "base", tmp_path / "t.txt"
+    make(model)
+    text.write_text("some text\n")
+    result = runner.invoke(app, ["finetune", str(model), "-d", str(text), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "is not a transformers checkpoint directory (no config.json)" in _said(result)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["score", "-i", "{text}"], ["finetune", "-d", "{text}", "--steps", "1"], ["export", "--format", "onnx"]],
+    ids=["score", "finetune", "export"],
+)
+def test_an_output_folder_that_is_a_file_is_refused(
+    args: list[str], random_models: dict[str, Path], tmp_path: Path
+) -> None:
+    text, taken = tmp_path / "t.txt", tmp_path / "notes.txt"
+    text.write_text("some public text\n" * 200)
+    taken.write_text("keep me")
+    options = [arg.format(text=text) for arg in args[1:]]
+    result = runner.invoke(app, [args[0], str(random_models["tiny-llama"]), *options, "-o", str(taken)])
+    assert result.exit_code == 2, result.output
+    assert "is a file" in _said(result) and taken.read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--device", "Pi 7"), ("--shard", "a/b"), ("--federation", ""), ("--top-p", "0"), ("--top-k", "5000"),
+     ("--stages", "65")],
+)  # fmt: skip
+def test_score_refuses_a_packet_header_it_could_not_write(
+    option: str, value: str, random_models: dict[str, Path], tmp_path: Path
+) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("some public text\n")
+    model = str(random_models["tiny-llama"])
+    result = runner.invoke(app, ["score", model, "-i", str(text), "-o", str(tmp_path / "p"), option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in _said(result)
+
+
+def test_score_names_the_shard_after_a_long_file_name(random_models: dict[str, Path], tmp_path: Path) -> None:
+    from deepfusion.shared.packets import decode
+
+    text = tmp_path / ("notes-" + "x" * 100 + ".txt")
+    text.write_text("some public text\n")
+    output, model = tmp_path / "p", str(random_models["tiny-llama"])
+    result = runner.invoke(app, ["score", model, "-i", str(text), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    (packet,) = output.glob("*.dfk")
+    assert decode(packet.read_bytes()).header.shard == ("notes-" + "x" * 100)[:64]

@@ -44,7 +44,12 @@ models_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_CACHE_HELP = "Cache directory (default: $DEEPFUSION_CACHE or ~/.cache/deepfusion)."
+CacheOption = typer.Option(
+    None,
+    "--cache-dir",
+    file_okay=False,
+    help="Cache directory (default: $DEEPFUSION_CACHE or ~/.cache/deepfusion).",
+)
 
 
 def _fail(error: AssetError) -> typer.Exit:
@@ -85,7 +90,7 @@ def _split_table(directory: Path, manifest: SplitManifest) -> Table:
 
 @data_app.command("prepare")
 def data_prepare(
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
+    cache_dir: Path | None = CacheOption,
     devices: int = typer.Option(4, min=1, help="Devices per domain (data shares N:N-1:...:1)."),
     seed: int = typer.Option(0, min=0, help="Seed of the test hold-out and the device split."),
     skew_alpha: float | None = typer.Option(
@@ -118,7 +123,7 @@ def data_prepare(
 
 
 @data_app.command("list")
-def data_list(cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP)) -> None:
+def data_list(cache_dir: Path | None = CacheOption) -> None:
     """Show the cached corpora and every cached split (checksums verified; nothing is downloaded)."""
     console = Console()
     root = resolve_cache_root(cache_dir)
@@ -145,7 +150,7 @@ _DEFAULT_PRETRAINED = (
 
 @models_app.command("prepare")
 def models_prepare(
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP),
+    cache_dir: Path | None = CacheOption,
     preset: list[str] = typer.Option(
         list(_DEFAULT_PRETRAINED), "--preset", "-p", help="Tiny preset to base-pretrain (repeatable)."
     ),
@@ -163,8 +168,8 @@ def models_prepare(
     root = resolve_cache_root(cache_dir)
     try:
         presets = [get_preset(name) for name in preset]
-    except KeyError as error:
-        raise typer.BadParameter(str(error)) from None
+    except KeyError as error:  # str() of a KeyError would quote the message
+        raise typer.BadParameter(error.args[0], param_hint="--preset") from None
     # Base pretraining here runs on the federation tokenizer; a preset made for SmolLM2's tokenizer
     # would be trained from scratch (134M+ parameters, for hours) on a vocabulary it was not made for.
     misfits = [item.name for item in presets if item.tokenizer != "federation"]
@@ -201,7 +206,7 @@ def models_prepare(
 
 
 @models_app.command("list")
-def models_list(cache_dir: Path | None = typer.Option(None, "--cache-dir", help=_CACHE_HELP)) -> None:
+def models_list(cache_dir: Path | None = CacheOption) -> None:
     """Show every preset with its parameter count, and what is cached (nothing is downloaded)."""
     import torch
     from transformers import AutoModelForCausalLM

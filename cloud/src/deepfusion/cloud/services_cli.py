@@ -25,6 +25,7 @@ from deepfusion.cloud.settings import CloudConfig, load_cloud_config
 from deepfusion.shared.config import ConfigError
 from deepfusion.shared.mqtt import MqttError
 from deepfusion.shared.store import StoreError
+from deepfusion.shared.topics import InvalidTopic, validate_id
 
 __all__ = ["coordinator", "ingest", "shards_app", "status"]
 
@@ -112,7 +113,7 @@ def status(
 ) -> None:
     """Show devices, the current round's coverage and the latest release."""
     from deepfusion.cloud.registry import FederationView
-    from deepfusion.cloud.status import collect_status, render_status
+    from deepfusion.cloud.status import StatusWatch, collect_status, render_status
     from deepfusion.shared.mqtt import MqttClient
     from deepfusion.shared.store import open_store
 
@@ -127,9 +128,49 @@ def status(
             console.print(render_status(collect_status(view, store, cfg.federation)))
             return
         stop = _stop_on_signals()
-        with Live(render_status(collect_status(view, store, cfg.federation)), console=console) as live:
+        screens = StatusWatch(view, store, cfg.federation, lambda: client.connected)
+        with Live(screens.screen(), console=console) as live:
             while not stop.wait(cfg.status.refresh_s):
-                live.update(render_status(collect_status(view, store, cfg.federation)))
+                live.update(screens.screen())
+
+
+def _shard_name(name: str) -> str:
+    """Checked as the first shard's id, before any text is read or published."""
+    try:
+        validate_id(f"{name}-0000", "shard name")
+    except InvalidTopic as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return name
+
+
+def _check_source(source: Path, limit: int | None) -> None:
+    """Read the whole file once before publishing: a bad line found halfway would leave the first shards
+    published and the rest not, and an empty file would publish nothing and still exit 0."""
+    from itertools import islice
+
+    from deepfusion.cloud.shards import read_texts
+
+    texts, found = 0, False
+    try:
+        for text in islice(read_texts(source), limit):
+            if not isinstance(text, str):
+                raise TypeError(text)
+            texts += 1
+            found = found or bool(text.strip())
+    except OSError as exc:
+        raise typer.BadParameter(f"{source} cannot be read ({exc.strerror})", param_hint="source") from None
+    except UnicodeDecodeError:
+        raise typer.BadParameter(
+            f"{source} is not UTF-8 text; save it as UTF-8", param_hint="source"
+        ) from None
+    except (ValueError, KeyError, TypeError):  # bad JSON, no "text" key, not an object, not a string
+        raise typer.BadParameter(
+            f"text {texts + 1} of {source} (blank lines not counted) is not a JSON object with a string "
+            '"text" field; write one {"text": ...} object per line',
+            param_hint="source",
+        ) from None
+    if not found:
+        raise typer.BadParameter(f"{source} holds no text", param_hint="source")
 
 
 shards_app = typer.Typer(help="Public text shards in the object store.", no_args_is_help=True)
@@ -139,7 +180,9 @@ shards_app = typer.Typer(help="Public text shards in the object store.", no_args
 @_clear_errors
 def shards_publish(
     source: Path = typer.Argument(..., exists=True, dir_okay=False, help='.jsonl (a "text" field) or text.'),
-    name: str = typer.Option(..., "--name", help="Shard name prefix: NAME-0000, NAME-0001, ..."),
+    name: str = typer.Option(
+        ..., "--name", callback=_shard_name, help="Shard name prefix: NAME-0000, NAME-0001, ..."
+    ),
     per_shard: int = typer.Option(1000, min=1, help="Sequences per shard."),
     limit: int | None = typer.Option(None, min=1, help="Publish at most this many texts."),
     config: Path | None = ConfigOption,
@@ -152,6 +195,7 @@ def shards_publish(
     from deepfusion.shared.store import open_store
 
     cfg = _config(config, overrides)
+    _check_source(source, limit)
     refs = publish_texts(
         open_store(cfg.store),
         cfg.federation,

@@ -5,15 +5,17 @@
 
 Devices (online, cluster, backend, packets accepted / duplicates / rejected by reason, bytes), the
 current round (coverage, deadline, outcome) and the latest release with its metrics. Nothing here
-writes anything: it is safe to run beside the services, as often as one likes.
+writes anything: it is safe to run beside the services, as often as one likes. `StatusWatch` draws the
+screens of `status --watch`, which outlives a failed refresh.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from rich.console import Group
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -22,9 +24,9 @@ from deepfusion.cloud.ingest_service import DeviceCounts, read_all_counters
 from deepfusion.cloud.registry import DeviceRecord, FederationView
 from deepfusion.cloud.rounds import RoundState
 from deepfusion.shared.messages import ReleaseNote, RoundSpec
-from deepfusion.shared.store import ObjectStore
+from deepfusion.shared.store import ObjectStore, StoreError
 
-__all__ = ["FederationStatus", "collect_status", "render_status"]
+__all__ = ["FederationStatus", "StatusWatch", "collect_status", "render_status"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +163,41 @@ def _release_table(s: FederationStatus) -> Table:
 def render_status(s: FederationStatus) -> Group:
     stamp = Text(f"{s.at.isoformat(timespec='seconds')}", style="dim")
     return Group(stamp, _devices_table(s), _round_table(s), _release_table(s))
+
+
+class StatusWatch:
+    """The screen of `status --watch` at each refresh.
+
+    A watch is left running for hours, so a refresh the store fails (S3 unreachable for a moment, a file
+    that cannot be read) shows the error above the last status read, if any, and the next refresh tries
+    again.
+    While the broker is away the devices, round and release are those last heard of, and the screen
+    says so; the client reconnects by itself.
+    """
+
+    def __init__(
+        self,
+        view: FederationView,
+        store: ObjectStore,
+        federation: str,
+        broker_connected: Callable[[], bool],
+    ) -> None:
+        self._view = view
+        self._store = store
+        self._federation = federation
+        self._broker_connected = broker_connected
+        self._last: FederationStatus | None = None
+
+    def screen(self) -> Group:
+        problems: list[str] = []
+        try:
+            self._last = collect_status(self._view, self._store, self._federation)
+        except StoreError as exc:
+            problems.append(f"cannot read the store: {exc}")  # the last status read keeps its own time
+        if not self._broker_connected():
+            problems.append("the MQTT broker is unreachable, reconnecting: devices as last heard of")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        parts: list[RenderableType] = [Text(f"{now} {problem}", style="bold red") for problem in problems]
+        if self._last is not None:
+            parts.append(render_status(self._last))
+        return Group(*parts)

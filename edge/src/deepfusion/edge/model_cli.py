@@ -8,9 +8,10 @@ Every failure prints its stable code, what went wrong and how to fix it, and exi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from functools import wraps
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from deepfusion.edge.errors import ErrorCode, ModelError
+from deepfusion.shared.messages import MAX_PATCHES, MAX_STAGES, MAX_TOP_K
+from deepfusion.shared.topics import MAX_ID_LENGTH, InvalidTopic, validate_id
 
 __all__ = ["export", "finetune", "info", "score"]
 
@@ -43,6 +46,52 @@ def _clear_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _topic_id(value: str | None) -> str | None:
+    """Ids go into every packet header; checked here, a bad one fails before the model loads."""
+    if value is None:
+        return None
+    try:
+        return validate_id(value)
+    except InvalidTopic as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _above_zero(value: float | None) -> float | None:
+    # typer's min is inclusive; a top-p of 0 would keep no token at all.
+    if value == 0:
+        raise typer.BadParameter("must be above 0 (or left out to keep all top-k)")
+    return value
+
+
+def _require_text(path: Path) -> Iterator[str]:
+    """The texts of `path`, with the first one read now: an unreadable or empty file fails before the
+    slow model load, and an empty one before `score` clears the previous run's packets from --output."""
+    from deepfusion.edge.scoring import read_texts
+
+    texts = read_texts(path)
+    try:
+        first = next(texts, None)
+    except OSError as exc:
+        raise ModelError(
+            ErrorCode.BAD_INPUT, f"{path} cannot be read ({exc.strerror})", "check the file's permissions"
+        ) from None
+    if first is None:
+        raise ModelError(
+            ErrorCode.BAD_INPUT, f"{path} holds no text", 'pass a non-empty text file or {"text": ...} lines'
+        )
+    return chain([first], texts)
+
+
+def _require_checkpoint(model: Path) -> None:
+    # transformers takes a path without config.json for a Hub model id and fails offline with a traceback.
+    if not (model / "config.json").is_file():
+        raise ModelError(
+            ErrorCode.BAD_INPUT,
+            f"{model} is not a transformers checkpoint directory (no config.json)",
+            "pass the base checkpoint folder (see `deepfusion-cloud models list`)",
+        )
+
+
 class ExportFormat(StrEnum):
     onnx = "onnx"
     gguf = "gguf"
@@ -61,7 +110,9 @@ def finetune(
     data: Path = typer.Option(
         ..., "--data", "-d", help="Private text: .jsonl ('text' fields) or plain text."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Run directory (checkpoints, adapter, merged)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", file_okay=False, help="Run directory (checkpoints, adapter, merged)."
+    ),
     steps: int = typer.Option(100, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(4, min=1, help="Blocks per micro-batch."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
@@ -80,7 +131,7 @@ def finetune(
     ),
     resume: bool = typer.Option(False, help="Continue from the newest checkpoint in --output."),
     merge: bool = typer.Option(False, help="Also write merged/: a plain transformers checkpoint."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the LoRA init, the validation split and the batch order."),
     threads: int | None = typer.Option(None, min=1, help="CPU threads (default: torch's choice)."),
 ) -> None:
     """LoRA fine-tune a local causal LM on private text; report train and validation loss."""
@@ -91,6 +142,8 @@ def finetune(
         raise ModelError(
             ErrorCode.BAD_INPUT, "bad --device or --bf16", "--device auto|cpu|cuda, --bf16 auto|on|off"
         )
+    _require_checkpoint(model)
+    _require_text(data)
     result = run(
         FinetuneSettings(
             model=model, data=data, output=output, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
@@ -112,7 +165,7 @@ def finetune(
 def export(
     model: Path = typer.Argument(..., help="Transformers checkpoint directory."),
     format: ExportFormat = typer.Option(..., "--format", "-f", help="onnx or gguf."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output directory."),
+    output: Path = typer.Option(..., "--output", "-o", file_okay=False, help="Output directory."),
     quant: str | None = typer.Option(
         None, help="onnx: fp32 | int8 (default int8); gguf: f16 | q8_0 | q4_k_m (default q8_0)."
     ),
@@ -155,38 +208,50 @@ def score(
     input: Path = typer.Option(
         ..., "--input", "-i", help="Public text: .jsonl ('text' fields) or plain text."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for the packets (*.dfk)."),
-    backend: BackendName = typer.Option(BackendName.auto, help="Runtime (auto: from the model's format)."),
-    top_k: int = typer.Option(32, min=1, help="Next-token log-probs kept per token."),
-    top_p: float | None = typer.Option(
-        None, min=0.0, max=1.0, help="Keep the shortest top-k prefix reaching p."
+    output: Path = typer.Option(
+        ...,
+        "--output",
+        "-o",
+        file_okay=False,
+        help="Folder for the packets (*.dfk); an earlier run's packets there are replaced.",
     ),
-    stages: int = typer.Option(4, min=0, help="J: stages of pooled hidden states (0: none)."),
-    patches: int = typer.Option(4, min=1, help="P: patches per stage."),
+    backend: BackendName = typer.Option(BackendName.auto, help="Runtime (auto: from the model's format)."),
+    top_k: int = typer.Option(32, min=1, max=MAX_TOP_K, help="Next-token log-probs kept per token."),
+    top_p: float | None = typer.Option(
+        None, min=0.0, max=1.0, callback=_above_zero, help="Keep the shortest top-k prefix reaching p."
+    ),
+    stages: int = typer.Option(4, min=0, max=MAX_STAGES, help="J: stages of pooled hidden states (0: none)."),
+    patches: int = typer.Option(4, min=1, max=MAX_PATCHES, help="P: patches per stage."),
     max_tokens: int = typer.Option(256, min=2, help="Window length in tokens."),
     batch_size: int = typer.Option(8, min=1, help="Windows per backend call."),
     threads: int | None = typer.Option(None, min=1, help="Runtime threads."),
-    federation: str = typer.Option("local"),
-    round: int = typer.Option(0, min=0),
-    device: str = typer.Option("device-0", help="Device id written into the packets."),
-    shard: str | None = typer.Option(None, help="Shard id (default: the input file's name)."),
+    federation: str = typer.Option(
+        "local", callback=_topic_id, help="Federation id written into the packets."
+    ),
+    round: int = typer.Option(0, min=0, help="Round number written into the packets."),
+    device: str = typer.Option("device-0", callback=_topic_id, help="Device id written into the packets."),
+    shard: str | None = typer.Option(
+        None, callback=_topic_id, help="Shard id (default: the input file's name)."
+    ),
 ) -> None:
     """Score a text file with a backend and write knowledge packets to a folder."""
     import re
 
     from deepfusion.edge.backends import load_backend
     from deepfusion.edge.modelinfo import load_tokenizer
-    from deepfusion.edge.scoring import ScoreSettings, read_texts, score_texts
+    from deepfusion.edge.scoring import ScoreSettings, score_texts
 
+    texts = _require_text(input)
     name = _backend_for(model, backend)
     tokenizer = load_tokenizer(model)
-    shard_id = shard or re.sub(r"[^a-z0-9._-]+", "-", input.stem.lower()).strip("-._") or "local"
+    stem = re.sub(r"[^a-z0-9._-]+", "-", input.stem.lower())[:MAX_ID_LENGTH]
+    shard_id = shard or stem.strip("-._") or "local"
     settings = ScoreSettings(
         federation=federation, round=round, device=device, shard=shard_id, top_k=top_k, top_p=top_p,
         stages=stages, patches=patches, max_tokens=max_tokens, batch_size=batch_size,
     )  # fmt: skip
     with load_backend(name, model, threads=threads) as runner:
-        report = score_texts(runner, tokenizer, read_texts(input), output, settings)
+        report = score_texts(runner, tokenizer, texts, output, settings)
     typer.echo(
         f"{report.packets} packets, {report.sequences} sequences, {report.tokens:,} tokens, "
         f"{report.bytes / max(report.tokens, 1):.1f} B/token, {report.tokens_per_second:,.0f} tokens/s "
