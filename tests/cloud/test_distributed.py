@@ -139,3 +139,26 @@ def test_ranks_left_without_sequences_by_a_small_batch_change_nothing(
     idle, busy = (_spawned(world, architecture, tmp_path) for world in (3, 2))
     assert idle["losses"] == pytest.approx(busy["losses"], rel=1e-5)
     assert idle["biases"] == busy["biases"]
+
+
+def _cpu_rank_beside_a_gpu(rank: int, world: int, port: int, out: Path) -> None:
+    """A `--device cpu` rank on a machine where torch sees a GPU: it must join with gloo, which reduces
+    CPU tensors (NCCL would refuse them, and a CPU-only torch has no NCCL at all)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.cuda.is_available = lambda: True  # the machine "has" a GPU; this spawned process only
+    ranks = Ranks.from_env(torch.device("cpu"))
+    try:
+        mean = ranks.mean(float(rank))
+        if ranks.main:
+            out.write_text(json.dumps({"backend": torch.distributed.get_backend(), "mean": mean}))
+    finally:
+        ranks.close()
+
+
+def test_ranks_training_on_the_cpu_use_gloo_even_where_a_gpu_is_seen(tmp_path: Path) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    out = tmp_path / "ranks.json"
+    multiprocessing.spawn(_cpu_rank_beside_a_gpu, args=(2, port, out), nprocs=2)
+    assert json.loads(out.read_text()) == {"backend": "gloo", "mean": 0.5}

@@ -33,13 +33,18 @@ class Ranks:
     world: int = 1
 
     @classmethod
-    def from_env(cls) -> Ranks:
-        """The process group torchrun describes in the environment (joined here); else one process."""
+    def from_env(cls, device: torch.device | None = None) -> Ranks:
+        """The process group torchrun describes in the environment (joined here); else one process.
+
+        NCCL when the ranks train on GPUs, gloo otherwise: NCCL cannot reduce the CPU tensors of a
+        `--device cpu` run on a machine that has GPUs. Without `device`, GPUs are used when present.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
+        on_gpu = device.type == "cuda" if device is not None else torch.cuda.is_available()
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("nccl" if on_gpu else "gloo")
         return cls(dist.get_rank(), dist.get_world_size())
 
     def close(self) -> None:

@@ -199,7 +199,7 @@ def train(
         resume=resume,
         bias_update=bias_update,
     )
-    ranks = Ranks.from_env()
+    ranks = Ranks.from_env(where)
     client = None
     if publish:
         suffix = f"-{ranks.rank}" if ranks.world > 1 else ""
