@@ -98,6 +98,22 @@ def test_qlora_trains_on_a_4bit_base(qlora_run: Path, lora_run: Path) -> None:
     assert qlora["val_loss_after"] < qlora["val_loss_before"] - 0.03, qlora
 
 
+def test_bf16_autocast_trains_with_float32_adapter_weights(
+    tiny_llama: Path, finance_text: Path, tmp_path: Path
+) -> None:
+    """`--bf16 on` on the CPU runs the autocast path a GPU with bf16 takes: the loss still falls, and the
+    adapter saved is float32 (autocast casts the matmuls, never the trained weights)."""
+    from safetensors.numpy import load_file
+
+    output = tmp_path / "bf16"
+    _finetune(tiny_llama, finance_text, output, "--save-every", "0", "--bf16", "on")
+    result = json.loads((output / "result.json").read_text())
+    assert result["precision"] == "bf16"
+    assert result["val_loss_after"] < result["val_loss_before"] - 0.03, result
+    adapter = load_file(output / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(array.dtype == np.float32 for array in adapter.values())
+
+
 def test_resume_continues_from_checkpoint(tiny_llama: Path, finance_text: Path, tmp_path: Path) -> None:
     from deepfusion.edge.finetune import FinetuneSettings, finetune
 
