@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from deepfusion.cloud.ingest import IngestContext
 from deepfusion.cloud.registry import MAX_THROUGHPUT, DeviceRecord
 from deepfusion.cloud.rounds import close_decision, coverage_report, plan_assignments, quotas
-from deepfusion.cloud.shards import encode_shard, list_shards, publish_texts, shard_key
+from deepfusion.cloud.shards import (
+    TextFileError,
+    encode_shard,
+    list_shards,
+    publish_texts,
+    read_texts,
+    shard_key,
+)
 from deepfusion.shared.messages import (
     DeviceStatus,
     RejectReason,
@@ -198,3 +207,34 @@ def test_a_shard_with_no_sequence_or_a_foreign_name_is_left_out(tmp_path):
     store.put(shard_key("fed", "empty"), encode_shard([]))
     store.put("fed/shards/News.jsonl.zst", encode_shard(["three"]))
     assert [(s.shard, s.sequences) for s in list_shards(store, "fed")] == [("pub-0000", 2)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fault"),
+    [
+        ("list.jsonl", b'{"text": "ok"}\n\n[1, 2]\n', ':3 is not a JSON object with a string "text" field'),
+        ("number.jsonl", b'{"text": 5}\n', ':1 is not a JSON object with a string "text" field'),
+        ("broken.jsonl", b'{"text": "ok"}\n{"text": \n', ":2 is not a JSON object"),
+        ("latin1.txt", b"ok\ncaf\xe9\n", ":2 is not UTF-8 text"),
+        ("far.jsonl", b'{"text": "ok"}\n' * 5000 + b'{"text": "caf\xe9"}\n', ":5001 is not UTF-8 text"),
+    ],
+)
+def test_read_texts_names_the_file_and_line_at_fault(tmp_path: Path, name: str, content: bytes, fault: str):
+    """One typed error, not json's, TypeError or UnicodeDecodeError (whose position counts from a chunk
+    read ahead, not from the file's start)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(TextFileError, match=re.escape(f"{name}{fault}")):
+        list(read_texts(path))
+
+
+def test_read_texts_names_a_file_it_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "private.txt"
+    path.write_text("some text\n")
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))  # chmod 000 would not stop root
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(TextFileError, match=re.escape(f"{path} cannot be read (Permission denied)")):
+        list(read_texts(path))

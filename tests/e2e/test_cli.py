@@ -51,8 +51,8 @@ def _said(result: subprocess.CompletedProcess[str]) -> str:
         ("empty.txt", b"", "holds no text"),
         ("blank.jsonl", b"\n  \n", "holds no text"),
         ("binary.txt", b"ok\n\xff\xfe\n", "is not UTF-8 text"),
-        ("list.jsonl", b"[1, 2]\n", "text 1 of"),
-        ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n', "text 2 of"),
+        ("list.jsonl", b"[1, 2]\n", "is not a JSON object with a string"),
+        ("number.jsonl", b'{"text": "ok"}\n{"text": 5}\n', "is not a JSON object with a string"),
     ],
 )
 def test_shards_publish_refuses_a_bad_source_before_publishing(tmp_path, name, content, reason):

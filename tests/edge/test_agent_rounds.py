@@ -345,3 +345,17 @@ def test_an_embedding_outside_int8_is_a_config_error(tmp_path: Path) -> None:
     ]
     with pytest.raises(ConfigError, match=r"data\.embedding\.0: Input should be less than or equal to 127"):
         load_device_config(None, overrides)
+
+
+def test_an_unknown_log_level_is_refused(tmp_path: Path) -> None:
+    """`--log-level loud` used to run at info without a word."""
+    from typer.testing import CliRunner
+
+    from deepfusion.edge.cli import app
+
+    args = ["run", "-c", str(tmp_path / "device.toml"), "--log-level"]
+    result = CliRunner().invoke(app, [*args, "loud"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--log-level'" in result.output and "'loud' is not one of" in result.output
+    known = CliRunner().invoke(app, [*args, "WARNING"])  # any case, as before; then the config is read
+    assert known.exit_code == 2 and "does not exist" in known.output, known.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,43 @@ def test_a_text_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path, suffix: s
 
     path = tmp_path / f"private{suffix}"
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
-    with pytest.raises(ModelError, match=f"{path.name} is not UTF-8 text"):
+    with pytest.raises(ModelError, match=f"{path.name}:2 is not UTF-8 text"):
+        list(read_texts(path))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fault"),
+    [
+        ("list.jsonl", b'{"text": "ok"}\n\n[1, 2]\n', ":3 is not a JSON object with a string 'text' field"),
+        ("number.jsonl", b'{"text": 5}\n', ":1 is not a JSON object with a string 'text' field"),
+        ("far.txt", b"ok\n" * 5000 + b"caf\xe9\n", ":5001 is not UTF-8 text"),
+    ],
+)
+def test_read_texts_names_the_line_at_fault(tmp_path: Path, name: str, content: bytes, fault: str) -> None:
+    """A "text" that is not a string is refused, not scored as its repr; an undecodable byte far into
+    the file is reported at its own line, not at the one being read when a chunk ahead failed."""
+    from deepfusion.edge.errors import ModelError
+    from deepfusion.edge.scoring import read_texts
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=re.escape(f"{name}{fault}")):
+        list(read_texts(path))
+
+
+def test_read_texts_reports_a_file_it_cannot_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised while reading, not only on the first text that `score` and `finetune` check up front."""
+    from deepfusion.edge.errors import ModelError
+    from deepfusion.edge.scoring import read_texts
+
+    path = tmp_path / "private.txt"
+    path.write_text("some text\n")
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))  # chmod 000 would not stop root
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ModelError, match=re.escape(f"{path} cannot be read (Permission denied)")):
         list(read_texts(path))
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import Field
 
@@ -75,6 +77,27 @@ def test_unreadable_files(tmp_path, content, expected):
         path.write_text(content)
     with pytest.raises(ConfigError, match=expected):
         load_config(ExampleConfig, path)
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("mqtt://broker.example:1883", "not a URL; set mqtt.port, and mqtt.tls for TLS"),
+        ("mqtts://broker.example", "not a URL"),
+        ("broker.example:1883", "without a port; set mqtt.port"),
+        ("[::1]:1883", "without a port"),
+        ("", "at least 1 character"),
+    ],
+)
+def test_a_broker_url_or_port_in_mqtt_host_is_refused(host, expected):
+    """Accepted before, it failed only at connect, as "mqtt://mqtt://broker.example:1883:1883"."""
+    with pytest.raises(ConfigError, match=r"mqtt\.host: .*" + re.escape(expected)):
+        load_config(ExampleConfig, overrides=[f'mqtt.host="{host}"'])
+
+
+@pytest.mark.parametrize("host", ["broker.example", "10.0.0.7", "::1", "fe80::1%eth0"])
+def test_host_names_and_addresses_are_accepted(host):
+    assert load_config(ExampleConfig, overrides=[f'mqtt.host="{host}"']).mqtt.host == host
 
 
 @pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])

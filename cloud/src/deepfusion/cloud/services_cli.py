@@ -148,27 +148,14 @@ def _check_source(source: Path, limit: int | None) -> None:
     published and the rest not, and an empty file would publish nothing and still exit 0."""
     from itertools import islice
 
-    from deepfusion.cloud.shards import read_texts
+    from deepfusion.cloud.shards import TextFileError, read_texts
 
-    texts, found = 0, False
+    found = False
     try:
         for text in islice(read_texts(source), limit):
-            if not isinstance(text, str):
-                raise TypeError(text)
-            texts += 1
             found = found or bool(text.strip())
-    except OSError as exc:
-        raise typer.BadParameter(f"{source} cannot be read ({exc.strerror})", param_hint="source") from None
-    except UnicodeDecodeError:
-        raise typer.BadParameter(
-            f"{source} is not UTF-8 text; save it as UTF-8", param_hint="source"
-        ) from None
-    except (ValueError, KeyError, TypeError):  # bad JSON, no "text" key, not an object, not a string
-        raise typer.BadParameter(
-            f"text {texts + 1} of {source} (blank lines not counted) is not a JSON object with a string "
-            '"text" field; write one {"text": ...} object per line',
-            param_hint="source",
-        ) from None
+    except TextFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="source") from None
     if not found:
         raise typer.BadParameter(f"{source} holds no text", param_hint="source")
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -662,9 +663,16 @@ class Agent:
                 self.spool.wait_for_room(len(data), 0.5)
 
 
-def _configure_logging(level: str) -> None:
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _configure_logging(level: LogLevel) -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
 
@@ -747,7 +755,7 @@ def run(
     set_: list[str] = typer.Option(
         [], "--set", help="Override a config key: section.key=value (repeatable; applies to every config)."
     ),
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    log_level: LogLevel = typer.Option(LogLevel.info, case_sensitive=False, help="How much to log."),
 ) -> None:
     """Run the device agent: join the federation, score rounds, publish knowledge until stopped.
     Several --config files host several devices in one process, the way a simulator runs many devices

@@ -69,12 +69,7 @@ def _require_text(path: Path) -> Iterator[str]:
     from deepfusion.edge.scoring import read_texts
 
     texts = read_texts(path)
-    try:
-        first = next(texts, None)
-    except OSError as exc:
-        raise ModelError(
-            ErrorCode.BAD_INPUT, f"{path} cannot be read ({exc.strerror})", "check the file's permissions"
-        ) from None
+    first = next(texts, None)
     if first is None:
         raise ModelError(
             ErrorCode.BAD_INPUT, f"{path} holds no text", 'pass a non-empty text file or {"text": ...} lines'

@@ -80,39 +80,57 @@ class ScoreReport:
 
 
 def read_texts(path: Path) -> Iterator[str]:
-    """Texts of a `.jsonl` file (field "text" of each line) or a plain-text file (blank-line paragraphs)."""
+    """Texts of a `.jsonl` file (string field "text" of each line) or a plain-text file (blank-line
+    paragraphs); a file or line that cannot be read is a BAD_INPUT error naming the file and line."""
     if not path.is_file():
         raise ModelError(ErrorCode.BAD_INPUT, f"{path} is not a file", "pass a .jsonl or text file")
-    try:
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (ValueError, KeyError, TypeError):
-                        raise ModelError(
-                            ErrorCode.BAD_INPUT,
-                            f"{path}:{number} is not a JSON object with a 'text' field",
-                            'write one {"text": ...} object per line',
-                        ) from None
-                    if text:
-                        yield str(text)
-            return
-        paragraph: list[str] = []
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    paragraph.append(line.rstrip("\n"))
-                elif paragraph:
-                    yield "\n".join(paragraph)
-                    paragraph = []
-        if paragraph:
+    if path.suffix == ".jsonl":
+        for number, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):  # not JSON, no "text" key, not an object
+                text = None
+            if not isinstance(text, str):
+                raise ModelError(
+                    ErrorCode.BAD_INPUT,
+                    f"{path}:{number} is not a JSON object with a string 'text' field",
+                    'write one {"text": ...} object per line',
+                )
+            if text:
+                yield text
+        return
+    paragraph: list[str] = []
+    for _, line in _lines(path):
+        if line.strip():
+            paragraph.append(line.rstrip("\n"))
+        elif paragraph:
             yield "\n".join(paragraph)
-    except UnicodeDecodeError as exc:  # a traceback would not say which file is at fault
+            paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a UTF-8 text file."""
+    try:
+        # Undecodable bytes are escaped and refused line by line: a strict decode fails a whole chunk
+        # ahead of the line being read, so its error could not say which line is at fault.
+        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    line.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ModelError(
+                        ErrorCode.BAD_INPUT, f"{path}:{number} is not UTF-8 text", "save the file as UTF-8"
+                    ) from None
+                yield number, line
+    except OSError as exc:
         raise ModelError(
-            ErrorCode.BAD_INPUT, f"{path} is not UTF-8 text ({exc.reason})", "save it as UTF-8"
+            ErrorCode.BAD_INPUT,
+            f"{path} cannot be read ({exc.strerror or exc})",
+            "check the file's permissions",
         ) from None
 
 

@@ -9,13 +9,14 @@ reason, so a user can fix a config file in one pass.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 __all__ = [
     "ConfigError",
@@ -50,7 +51,7 @@ class TlsConfig(Section):
 
 
 class MqttConfig(Section):
-    host: str = Field("127.0.0.1", description="Broker host name or address.")
+    host: str = Field("127.0.0.1", min_length=1, description="Broker host name or address.")
     port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is the usual TLS port).")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
         "auto", description="MQTT version; 'auto' tries 5 and falls back to 3.1.1 for older brokers."
@@ -64,6 +65,22 @@ class MqttConfig(Section):
     session_expiry_s: int = Field(
         3600, ge=0, description="How long the broker keeps a persistent session's queue after a disconnect."
     )
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, host: str) -> str:
+        # The client adds the port and the scheme itself: "mqtt://broker:1883" would be looked up as a
+        # host name and fail only at connect, as "mqtt://mqtt://broker:1883:1883".
+        if "://" in host:
+            raise ValueError(
+                "expected a host name or address, not a URL; set mqtt.port, and mqtt.tls for TLS"
+            )
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError("expected a host name or address without a port; set mqtt.port") from None
+        return host
 
 
 class StoreConfig(Section):
