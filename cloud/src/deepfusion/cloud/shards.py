@@ -15,16 +15,13 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
-import zstandard
-
 from deepfusion.shared.messages import ShardRef
+from deepfusion.shared.shards import SUFFIX, ShardError, decode_shard, encode_shard
 from deepfusion.shared.store import ObjectNotFound, ObjectStore
 from deepfusion.shared.topics import validate_id
 
 __all__ = [
-    "SUFFIX",
     "TextFileError",
-    "encode_shard",
     "list_shards",
     "publish_shard",
     "publish_texts",
@@ -34,23 +31,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUFFIX = ".jsonl.zst"
-
 
 def shard_key(federation: str, shard: str) -> str:
     return f"{federation}/shards/{validate_id(shard, 'shard id')}{SUFFIX}"
-
-
-def encode_shard(texts: Sequence[str]) -> bytes:
-    lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
-    return zstandard.ZstdCompressor(level=9, write_content_size=True).compress(lines.encode("utf-8"))
-
-
-def _decode_shard(body: bytes) -> list[str]:
-    text = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31).decode("utf-8")
-    # Only "\n" ends a line: json.dumps escapes it, but not U+2028, U+0085 and the other breaks that
-    # str.splitlines also splits on.
-    return [json.loads(line)["text"] for line in text.split("\n") if line.strip()]
 
 
 def publish_shard(store: ObjectStore, federation: str, shard: str, texts: Sequence[str]) -> ShardRef:
@@ -143,8 +126,8 @@ def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = 
         except ObjectNotFound:  # deleted since it was listed: it is no longer part of any round
             continue
         try:
-            sequences = len(_decode_shard(body))
-        except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            sequences = len(decode_shard(body))
+        except ShardError as exc:
             log.error('left out shard %s: not a JSONL.zst shard of {"text": ...} lines (%s)', key, exc)
             continue
         if sequences == 0:  # nothing to score, and a RoundSpec's shard holds at least one sequence

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import threading
@@ -20,15 +19,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import zstandard
-
 from deepfusion.shared.messages import ShardRef
+from deepfusion.shared.shards import ShardError, decode_shard
 
-__all__ = ["FetchError", "decode_shard", "fetch_bytes", "fetch_shard"]
+__all__ = ["FetchError", "fetch_bytes", "fetch_shard"]
 
 log = logging.getLogger(__name__)
-
-MAX_SHARD_BYTES = 1 << 30  # decompressed; a larger "shard" is an error, not a reason to fill the disk
 
 
 class FetchError(RuntimeError):
@@ -54,17 +50,6 @@ def fetch_bytes(url: str, timeout: float = 60.0) -> bytes:
         except (urllib.error.URLError, OSError) as exc:
             raise FetchError(f"GET {parsed.netloc}{parsed.path} failed: {exc}") from None
     raise FetchError(f"unsupported shard URL scheme {parsed.scheme!r}; expected file, http or https")
-
-
-def decode_shard(body: bytes) -> list[str]:
-    """The texts of a shard's bytes, in line order."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_SHARD_BYTES)
-        # Only "\n" ends a line: json.dumps escapes it, but not U+2028, U+0085 and the other breaks
-        # that str.splitlines also splits on.
-        return [str(json.loads(line)["text"]) for line in raw.decode("utf-8").split("\n") if line.strip()]
-    except (zstandard.ZstdError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise FetchError(f"not a JSONL.zst shard: {exc}") from None
 
 
 def _keep_in_cache(cached: Path, body: bytes) -> None:
@@ -100,7 +85,10 @@ def fetch_shard(ref: ShardRef, cache_dir: Path | None = None, timeout: float = 6
             )
         if cached is not None:
             _keep_in_cache(cached, body)
-    texts = decode_shard(body)
+    try:
+        texts = decode_shard(body)
+    except ShardError as exc:
+        raise FetchError(f"shard {ref.shard}: {exc}") from None
     if len(texts) != ref.sequences:
         raise FetchError(f"shard {ref.shard} has {len(texts)} texts; the RoundSpec says {ref.sequences}")
     return texts
