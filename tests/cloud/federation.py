@@ -144,10 +144,17 @@ def open_round(
 
 
 def packets_for(
-    device: str, round_id: int, shard: str, ids: list[int], per_packet: int = 2, seed: int = 0
+    device: str,
+    round_id: int,
+    shard: str,
+    ids: list[int],
+    per_packet: int = 2,
+    seed: int = 0,
+    **header_fields: object,
 ) -> list[bytes]:
-    """Valid packets of `device` covering sequence `ids` of `shard`, `per_packet` sequences each."""
-    header = make_header(device=device, round=round_id, shard=shard, federation=FED)
+    """Valid packets of `device` covering sequence `ids` of `shard`, `per_packet` sequences each; the
+    header's k, J and P are `open_round`'s unless `header_fields` give the round's own."""
+    header = make_header(device=device, round=round_id, shard=shard, federation=FED, **header_fields)
     rng = np.random.default_rng(seed + int(hashlib.sha256(device.encode()).hexdigest()[:8], 16))
     out = []
     for start in range(0, len(ids), per_packet):

@@ -31,7 +31,9 @@ DOMAINS = {"med-0": 0, "med-1": 0, "med-2": 0, "fin-0": 1, "fin-1": 1}
 def _packets(device: str, spec: RoundSpec) -> list[bytes]:
     out: list[bytes] = []
     for a in spec.assignments[device]:
-        out += packets_for(device, spec.round, a.shard, list(range(a.start, a.stop)), per_packet=3)
+        ids = list(range(a.start, a.stop))
+        settings = {"top_k": spec.top_k, "stages": spec.stages, "patches": spec.patches}
+        out += packets_for(device, spec.round, a.shard, ids, per_packet=3, **settings)
     return out
 
 

@@ -174,7 +174,8 @@ CASES = [
 
 
 def test_every_rejection_rule_reaches_the_device_and_is_counted(broker, mqtt_client, tmp_path):
-    config = config_from([*base_overrides(broker, str(tmp_path / "store")), "ingest.max_packet_bytes=65536"])
+    limits = ["ingest.max_packet_bytes=65536", "coordinator.packet_budget=65536"]  # the budget fits the limit
+    config = config_from([*base_overrides(broker, str(tmp_path / "store")), *limits])
     service = IngestService(config)
     store = service.store
     coordinator = mqtt_client(broker.config(), "test-coordinator")
