@@ -125,12 +125,17 @@ def main() -> None:
         done = threading.Event()
         lock = threading.Lock()
         seen: set[int] = set()
+        refused: list[str] = []
 
         def on_packet(message: Message) -> None:
             from deepfusion.shared.packets import decode
 
             ack = store_packet(store, fed, message.topic, message.payload, max_bytes=1 << 20, context=context)
             cloud.publish(ack_topic(fed, device), encode_message(ack))
+            if not ack.accepted:  # a refused packet is not stored: the round would never complete
+                refused.append(f"{ack.reason}: {ack.detail}")
+                done.set()
+                return
             packet = decode(message.payload)
             with lock:
                 counts["messages"] += 1
@@ -165,6 +170,8 @@ def main() -> None:
         cloud.publish_and_wait(round_topic(fed), encode_message(spec), retain=True)
         if not done.wait(600):
             raise SystemExit(f"the round did not complete: {len(seen)}/{offline.sequences} sequences")
+        if refused:
+            raise SystemExit(f"ingest refused a packet of the agent: {refused[0]}")
         seconds = time.perf_counter() - started
         stop.set()
         thread.join(60)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
@@ -119,9 +120,12 @@ def raw_rate(broker: EmbeddedBroker, packets: dict[str, list[bytes]]) -> float:
 
 def _publish_all(client: MqttClient, packets: dict[str, list[bytes]]) -> None:
     infos = []
-    for batch in zip(*packets.values(), strict=False):
-        for device, payload in zip(packets, batch, strict=False):
-            infos.append(client.publish(knowledge_topic(FED, device), payload, qos=1))
+    # Round-robin over the devices; zip_longest, since a count that is no multiple of DEVICES leaves
+    # some devices one packet short (plain zip dropped the others' last packets, and the run hung).
+    for batch in itertools.zip_longest(*packets.values()):
+        for device, payload in zip(packets, batch, strict=True):
+            if payload is not None:
+                infos.append(client.publish(knowledge_topic(FED, device), payload, qos=1))
     for info in infos:
         info.wait_for_publish(300)
 

@@ -364,6 +364,37 @@ def test_device_add_list_revoke_commands(tmp_path):
     assert missing.exit_code == 2 and "pki init" in missing.output
 
 
+def test_a_damaged_registry_is_one_line_naming_the_file_and_the_problem(tmp_path):
+    folder = tmp_path.resolve() / "sec"
+    init_security(folder, FED)
+    add_device(folder, "pi-7")
+    registry, passwd = folder / "accounts.json", folder / "broker" / "passwd"
+    good, users = registry.read_text(), passwd.read_text()
+    damaged = {
+        "truncated": (good[:300], "Invalid JSON: EOF while parsing"),
+        "empty": ("", "Invalid JSON: EOF while parsing"),
+        "a bad role": (good.replace('"device"', '"robot"'), "accounts[4].role: Input should be 'device',"),
+        "not an object": ("[]", "Input should be an object"),
+    }
+    for text, problem in damaged.values():
+        registry.write_text(text)
+        for command in (["device", "list"], ["device", "add", "pi-8"], ["device", "revoke", "pi-7"]):
+            result = runner.invoke(app, [*command, "--dir", str(folder)])
+            assert result.exit_code == 2, result.output  # as every other error of these commands
+            assert result.output.count("\n") == 1, result.output  # one line, no pydantic dump
+            assert f"error: {registry} is not a valid account registry: {problem}" in result.output
+            assert "restore it from a backup" in result.output and "pki init --force" in result.output
+            assert "input_value" not in result.output  # pydantic's excerpts hold password hashes
+        assert registry.read_text() == text and passwd.read_text() == users  # nothing written
+        assert not (folder / "devices" / "pi-8").exists()
+
+    registry.unlink()
+    registry.mkdir()
+    result = runner.invoke(app, ["device", "list", "--dir", str(folder)])
+    assert result.exit_code == 2
+    assert result.output == f"error: cannot read the account registry {registry}: Is a directory\n"
+
+
 def test_help_explains_the_commands():
     result = runner.invoke(app, ["device", "add", "--help"])
     assert result.exit_code == 0 and "bundle" in result.output

@@ -124,15 +124,43 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return f"${_HASH_ID}${_ITERATIONS}${encoded[0]}${encoded[1]}"
 
 
+# What a damaged registry's message tells its owner: the file is the only record of the accounts.
+_RECOVER = (
+    "restore it from a backup or correct it by hand (`deepfusion-cloud pki init --force` starts over: "
+    "every credential issued so far stops working)"
+)
+
+
 def load_registry(path: Path) -> Registry:
+    """The registry in `path`; `SecurityError` (one line: the file, what is wrong, how to recover) when it
+    is missing, unreadable or not a valid registry."""
     try:
-        return Registry.model_validate_json(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise SecurityError(
             f"{path} does not exist; create the security folder first: deepfusion-cloud pki init"
         ) from None
+    except OSError as exc:
+        raise SecurityError(f"cannot read the account registry {path}: {exc.strerror or exc}") from None
+    try:
+        return Registry.model_validate_json(data)
     except ValidationError as exc:
-        raise SecurityError(f"{path} is not a valid account registry: {exc}") from None
+        raise SecurityError(f"{path} is not a valid account registry: {_describe(exc)}; {_RECOVER}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    """The first problem in one line, e.g. `accounts[4].role: Input should be ...`, and how many more.
+
+    Without pydantic's input excerpts: they would print parts of the password hashes, and span lines."""
+    problems = error.errors(include_url=False, include_input=False, include_context=False)
+    if not problems:
+        return "no details"
+    first = problems[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+    message = " ".join(str(first["msg"]).split())  # one line, whatever pydantic's message holds
+    text = f"{where.lstrip('.')}: {message}" if where else message
+    more = len(problems) - 1
+    return text + (f", and {more} more problem{'s' if more > 1 else ''}" if more else "")
 
 
 def save_registry(registry: Registry, path: Path) -> None:
