@@ -67,3 +67,19 @@ def test_identical_embeddings_make_no_empty_cluster():
         assert report.k == made and len(report.centroids) == made
         assert sorted(report.members) == list(range(made)) and all(report.members.values())
         assert set(report.assignment.values()) == set(range(made))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cluster_ids_stay_when_a_device_joins_a_federation_with_fewer_devices_than_k(seed):
+    """K=3 with two devices makes two clusters; the third device's domain gets a new id, not theirs."""
+    two = {f"d{domain}": embedding_for(domain, domain) for domain in range(2)}
+    three = two | {"d2": embedding_for(2, 2)}
+    before = cluster_devices(two, 3, seed=seed)
+    grown = cluster_devices(three, 3, seed=seed + 1, previous_centroids=before.centroids)
+    assert before.k == 2 and grown.k == 3
+    assert {d: grown.assignment[d] for d in two} == before.assignment
+    assert grown.assignment["d2"] == 2
+    np.testing.assert_allclose(grown.centroids[:2], before.centroids, atol=1e-9)
+    # It leaves again: the two remaining domains keep their ids 0 and 1.
+    shrunk = cluster_devices(two, 3, seed=seed + 2, previous_centroids=grown.centroids)
+    assert shrunk.assignment == before.assignment

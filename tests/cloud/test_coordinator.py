@@ -376,3 +376,91 @@ def test_shard_urls_signed_while_the_shards_are_read_are_renewed_before_they_exp
     finally:
         device.close()
         client.close()
+
+
+def test_a_second_coordinator_opening_the_same_round_keeps_the_first_ones_plan(broker, mqtt_client, tmp_path):
+    """Two coordinators started by mistake both find round 0 unplanned; the first announces its plan
+    while the second still reads the shards. The second must not replace the first's state and
+    RoundSpec (devices already work on it) but say that another coordinator runs."""
+    first_at, second_at = datetime(2030, 1, 1, tzinfo=UTC), datetime(2030, 1, 1, 0, 0, 5, tzinfo=UTC)
+    first: list[Coordinator] = []
+
+    class RacingStore(LocalStore):
+        def get(self, key: str) -> bytes:
+            if "/shards/" in key and first:
+                first.pop().step()  # the first coordinator opens round 0 in the meantime
+            return super().get(key)
+
+    store = RacingStore(tmp_path / "store")
+    publish_texts(store, FED, (f"text {i}" for i in range(10)), name="pub", per_shard=10)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    config = config_from([*overrides, "coordinator.min_devices=1"])
+    device = SimDevice(broker.config(), "a-0")
+    second = Coordinator(config, store, clock=lambda: second_at)
+    client = second.connect()
+    try:
+        device.publish_card()
+        second.view.wait_for(lambda v: len(v.cards()) == 1, timeout=10)
+        other = Coordinator(config, store, clock=lambda: first_at)
+        other.view, other.client = second.view, mqtt_client(broker.config(), "coordinator-other")
+        first.append(other)
+        assert second.step() == "round 0: opened by another coordinator"
+        state = read_state(store, FED, 0)
+        assert state is not None and state.spec.opened_at == first_at
+        late = SimDevice(broker.config(), "late-0")  # reads what the broker retains now
+        try:
+            assert late.wait_round(0).opened_at == first_at
+        finally:
+            late.close()
+        assert second.step() == "round 0: 0/10 delivered"  # and it goes on with the first's round
+    finally:
+        device.close()
+        client.close()
+
+
+def test_a_coordinator_killed_before_the_first_rounds_pointer_announces_the_round_after_a_restart(
+    broker, tmp_path
+):
+    """Killed after state.json of round 0 but before coordinator.json and the RoundSpec: the restarted
+    one announces the planned round and writes the pointer (`status` shows no current round without)."""
+
+    class Killed(Exception):
+        pass
+
+    class DyingStore(LocalStore):
+        dying = True
+
+        def put(self, key: str, data: bytes) -> None:
+            if self.dying and key.endswith("/coordinator.json"):
+                raise Killed
+            super().put(key, data)
+
+    store = DyingStore(tmp_path / "store")
+    publish_texts(store, FED, (f"text {i}" for i in range(10)), name="pub", per_shard=10)
+    overrides = [*base_overrides(broker, str(tmp_path / "store")), "coordinator.redundancy=1"]
+    config = config_from([*overrides, "coordinator.min_devices=1"])
+    device = SimDevice(broker.config(), "a-0")
+    try:
+        device.publish_card()
+        first = Coordinator(config, store)
+        client = first.connect()
+        try:
+            first.view.wait_for(lambda v: len(v.cards()) == 1, timeout=10)
+            with pytest.raises(Killed):
+                first.step()
+        finally:
+            client.close()
+        store.dying = False
+        planned = read_state(store, FED, 0)
+        assert planned is not None and read_pointer(store, FED) is None and not device.rounds
+
+        restarted = Coordinator(config, store)
+        client = restarted.connect()
+        try:
+            assert restarted.step() == "round 0: 0/10 delivered"
+            assert read_pointer(store, FED) == 0
+            assert device.wait_round(0).opened_at == planned.spec.opened_at
+        finally:
+            client.close()
+    finally:
+        device.close()

@@ -6,8 +6,8 @@
 
 The int8 embeddings are L2-normalised, so Euclidean KMeans on them is spherical (cosine) KMeans up to
 the centroid normalisation. When a previous round's centroids are given, cluster ids are matched to
-them (Hungarian assignment on cosine similarity), so cluster i stays the same domain from round to round
-and phase II can start student i from last round's student i.
+them (Hungarian assignment on cosine similarity, also when the number of clusters changed), so cluster i
+stays the same domain from round to round and phase II can start student i from last round's student i.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def cluster_devices(
         model = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(x)
         labels, centroids = _without_empty(model.labels_.astype(int), normalise(model.cluster_centers_))
         n_clusters = len(centroids)
-    if previous_centroids is not None and len(previous_centroids) == n_clusters and n_clusters > 1:
+    if previous_centroids is not None and n_clusters > 1:
         labels, centroids = _match(labels, centroids, normalise(np.asarray(previous_centroids)))
     silhouette = None
     distinct = len(set(labels.tolist()))
@@ -108,12 +108,21 @@ def _without_empty(labels: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarra
 
 
 def _match(labels: np.ndarray, centroids: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Renumber clusters so that new cluster i is the one most similar to previous cluster i."""
+    """Renumber clusters so that new cluster i is the one most similar to previous cluster i.
+
+    The counts differ when devices joined or left (fewer devices than K make fewer clusters): each
+    new cluster keeps the id of the previous one it matches while that id still exists, and only the
+    others are numbered anew, else one device joining would renumber every domain and phase II would
+    start each student from another domain's.
+    """
     from scipy.optimize import linear_sum_assignment
 
-    similarity = centroids @ previous.T  # (new, old)
+    similarity = centroids @ previous.T  # (new, old), rectangular when the counts differ
     new_ids, old_ids = linear_sum_assignment(-similarity)
-    mapping = dict(zip(new_ids.tolist(), old_ids.tolist(), strict=True))
+    k = len(centroids)
+    mapping = {n: o for n, o in zip(new_ids.tolist(), old_ids.tolist(), strict=True) if o < k}
+    free = iter(sorted(set(range(k)) - set(mapping.values())))
+    mapping |= {n: next(free) for n in range(k) if n not in mapping}
     relabelled = np.array([mapping[int(label)] for label in labels], dtype=int)
     reordered = np.empty_like(centroids)
     for new, old in mapping.items():

@@ -16,6 +16,10 @@ State lives only in the store: `{fed}/coordinator.json` names the current round 
 (`clusters.json` and `coverage.json` beside it). Every step is idempotent: state is written before it is
 announced, and announcing again (a retained publish) is harmless, so a coordinator killed at any point
 continues where it stopped when it starts again.
+
+One coordinator per federation: a second one started by mistake cannot replace a round once it is
+opened (state.json is created, never overwritten, then) and logs an error when it finds that out, but the
+later writes of state.json are not guarded against it.
 """
 
 from __future__ import annotations
@@ -122,14 +126,15 @@ class Coordinator:
 
     def step(self) -> str:
         """Do the next thing the federation needs; returns what it did, in words."""
-        round_id = read_pointer(self.store, self.federation)
-        if round_id is None:
-            round_id = self.settings.first_round
-        # A crash between writing a round's state and the pointer leaves the pointer behind: catch up.
+        pointer = read_pointer(self.store, self.federation)
+        round_id = self.settings.first_round if pointer is None else pointer
+        # A crash between writing a round's state and the pointer leaves the pointer behind (or absent,
+        # in the first round): catch up.
         while self.store.exists(state_key(self.federation, round_id + 1)):
             round_id += 1
-            self._write_pointer(round_id)
         state = read_state(self.store, self.federation, round_id)
+        if state is not None and round_id != pointer:
+            self._write_pointer(round_id)
         if state is None:
             if self._rounds_done(round_id):
                 self.done.set()
@@ -197,9 +202,18 @@ class Coordinator:
             clusters=report,
             opened_at=now,
         )
+        # Created, never replaced: a second coordinator started by mistake finds the round planned
+        # meanwhile, and overwriting would swap the plan under devices already working on the first.
+        if not self.store.put_new(state_key(self.federation, round_id), _state_json(state)):
+            log.error(
+                "round %d was opened by another coordinator meanwhile: is a second one running for %s?",
+                round_id,
+                self.federation,
+            )
+            return f"round {round_id}: opened by another coordinator"
+        # After the state: the trainer prefers clusters.json, which must be the plan's clustering.
         prefix = round_prefix(self.federation, round_id)
         self.store.put(f"{prefix}clusters.json", report.model_dump_json(indent=1).encode())
-        self._write_state(state)
         self._write_pointer(round_id)
         self._publish(round_topic(self.federation), encode_message(spec))
         self._signed = (round_id, signed_at)
@@ -330,7 +344,7 @@ class Coordinator:
     # -- writing -------------------------------------------------------------------------------------------
 
     def _write_state(self, state: RoundState) -> None:
-        self.store.put(state_key(self.federation, state.round), state.model_dump_json(indent=1).encode())
+        self.store.put(state_key(self.federation, state.round), _state_json(state))
 
     def _write_pointer(self, round_id: int) -> None:
         body = {"federation": self.federation, "round": round_id, "updated_at": self.clock().isoformat()}
@@ -340,6 +354,10 @@ class Coordinator:
         if self.client is None:
             raise RuntimeError("the coordinator is not connected; call connect() or run()")
         self.client.publish_and_wait(topic, payload, retain=True)
+
+
+def _state_json(state: RoundState) -> bytes:
+    return state.model_dump_json(indent=1).encode()
 
 
 def _most_common(values: list[str]) -> str | None:

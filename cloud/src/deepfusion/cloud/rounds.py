@@ -18,6 +18,7 @@ devices is the hostile one (`deepfusion.cloud.robust`).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import random
@@ -119,12 +120,19 @@ def _weights(members: Sequence[str], throughput: Mapping[str, float]) -> dict[st
 def _to_shards(
     start: int, stop: int, shards: Sequence[ShardRef], offsets: Sequence[int]
 ) -> list[ShardAssignment]:
-    """A range of the concatenated sequence space as per-shard ranges."""
+    """A range of the concatenated sequence space as per-shard ranges.
+
+    Starts at the shard holding `start` (bisection): scanning every shard for every range made
+    planning 10,000 devices over 1,000 shards take 16 s.
+    """
     out = []
-    for shard, base in zip(shards, offsets, strict=True):
+    i = bisect.bisect_right(offsets, start) - 1
+    while i < len(shards) and offsets[i] < stop:
+        shard, base = shards[i], offsets[i]
         lo, hi = max(start, base), min(stop, base + shard.sequences)
         if lo < hi:
             out.append(ShardAssignment(shard=shard.shard, start=lo - base, stop=hi - base))
+        i += 1
     return out
 
 
