@@ -130,6 +130,35 @@ def test_torch_topk_and_nll_match_transformers_logits(
         assert score.nll == pytest.approx(nll, abs=1e-4)
 
 
+def test_torch_nll_ignores_the_padding_of_a_ragged_batch(
+    tiny_llama: Path, held_out_windows: list[np.ndarray]
+) -> None:
+    """A model that masks a token with a -inf logit (here id 0, the padding id) scores a short sequence
+    in a ragged batch as it does alone: the padding's targets never enter its NLL (ONNX slices them off,
+    llama.cpp never pads)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deepfusion.edge.backends.torch_backend import TorchBackend
+
+    class MasksTokenZero(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **inputs: torch.Tensor) -> object:
+            out = self.inner(**inputs)
+            out.logits[..., 0] = float("-inf")
+            return out
+
+    model = MasksTokenZero(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    backend = TorchBackend(tiny_llama, threads=1, model=model)
+    short, long = held_out_windows[1][:9], held_out_windows[0]
+    [alone] = backend.score([short], top_k=TOP_K)
+    [_, batched] = backend.score([long, short], top_k=TOP_K)
+    assert np.isfinite(alone.nll) and batched.nll == pytest.approx(alone.nll, abs=1e-5)
+
+
 def test_topk_rows_are_a_log_softmax(
     torch_scores: list[SequenceScore], held_out_windows: list[np.ndarray]
 ) -> None:

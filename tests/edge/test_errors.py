@@ -220,6 +220,42 @@ def test_a_sequence_longer_than_the_context_is_bad_input(random_models: dict[str
     assert caught.value.code is ErrorCode.BAD_INPUT and f"context of {context}" in caught.value.message
 
 
+@pytest.fixture
+def nan_model(tiny_llama: Path, tmp_path: Path) -> Path:
+    """tiny-llama with one NaN weight in block 1: every later hidden state, and every logit, is NaN."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    target = _copy(tiny_llama, tmp_path / "nan", skip=("*.safetensors",))
+    model.save_pretrained(target)
+    return target
+
+
+@pytest.mark.parametrize("fmt", ["hf", "onnx", "gguf"])
+def test_a_model_that_computes_nan_is_a_corrupt_model(fmt: str, nan_model: Path, tmp_path: Path) -> None:
+    """The packet encoder would refuse NaN log-probs too, but as a packet error naming no model."""
+    model = nan_model
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        from deepfusion.edge.export.onnx import export_onnx
+
+        model = export_onnx(nan_model, tmp_path / "onnx", quant="fp32").parent
+    elif fmt == "gguf":
+        pytest.importorskip("llama_cpp")
+        from deepfusion.edge.export.gguf import export_gguf
+
+        model = export_gguf(nan_model, tmp_path / "gguf", quant="f32")
+    text = tmp_path / "t.txt"
+    text.write_text("some public text\n")
+    args = ["score", str(model), "-i", str(text), "-o", str(tmp_path / "p"), "--threads", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "corrupt_model" in result.output and "NaN" in result.output
+
+
 def test_finetune_help_names_the_qlora_extra() -> None:
     result = runner.invoke(app, ["finetune", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "the [qlora] extra" in result.output, result.output

@@ -40,6 +40,7 @@ __all__ = [
     "ModelShape",
     "SequenceScore",
     "available_backends",
+    "finite_scores",
     "load_backend",
     "pad_batch",
 ]
@@ -149,6 +150,28 @@ class Backend(ABC):
                 )
             checked.append(ids)
         return checked
+
+
+def finite_scores(scores: list[SequenceScore]) -> list[SequenceScore]:
+    """`scores`, refused as a whole when a broken model gave NaN or infinities.
+
+    Damaged or overflowing weights give NaN everywhere; left to the packet encoder, they would fail
+    one sequence at a time with a packet error that names no model, and an agent would retry forever.
+    A -inf log-prob (a logit the model masks) is a real value and passes.
+    """
+    for score in scores:
+        features = score.features
+        if (
+            np.isnan(score.topk_logprobs).any()
+            or not np.isfinite(score.nll)
+            or (features is not None and not np.isfinite(features).all())
+        ):
+            raise ModelError(
+                ErrorCode.CORRUPT_MODEL,
+                "the model computes NaN or infinite log-probs, NLL or hidden states",
+                "copy or export the model again; a float16 model that overflows needs float32",
+            )
+    return scores
 
 
 def pad_batch(sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

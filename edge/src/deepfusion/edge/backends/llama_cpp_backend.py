@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from deepfusion.edge.backends import Backend, Capabilities, ModelShape, SequenceScore
+from deepfusion.edge.backends import Backend, Capabilities, ModelShape, SequenceScore, finite_scores
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import gguf_file, read_gguf
@@ -155,4 +155,4 @@ class LlamaCppBackend(Backend):
                     feature_stages=(stages - 1,) if last else (),
                 )
             )
-        return results
+        return finite_scores(results)

@@ -18,6 +18,7 @@ from deepfusion.edge.backends import (
     Capabilities,
     ModelShape,
     SequenceScore,
+    finite_scores,
     micro_batches,
     pad_batch,
 )
@@ -122,4 +123,4 @@ class OnnxBackend(Backend):
                     features=None if features is None else features[b],
                     feature_stages=tuple(range(len(layers))),
                 )
-        return [r for r in results if r is not None]
+        return finite_scores([r for r in results if r is not None])

@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from deepfusion.edge.backends import Backend, Capabilities, SequenceScore, micro_batches, pad_batch
+from deepfusion.edge.backends import (
+    Backend,
+    Capabilities,
+    SequenceScore,
+    finite_scores,
+    micro_batches,
+    pad_batch,
+)
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import read_hf_config, shape_from_hf_config
@@ -100,7 +107,7 @@ class TorchBackend(Backend):
                 scored = self._score_batch([sequences[i] for i in batch], top_k, layers, patches)
                 for i, result in zip(batch, scored, strict=True):
                     results[i] = result
-        return [r for r in results if r is not None]
+        return finite_scores([r for r in results if r is not None])
 
     def _score_batch(
         self, sequences: list[np.ndarray], top_k: int, layers: tuple[int, ...], patches: int
@@ -119,7 +126,10 @@ class TorchBackend(Backend):
         lse = peak[..., 0] + torch.log(logits.sub_(peak).exp_().sum(dim=-1))  # (B, T)
         topk_logprobs = (values - lse[..., None]).cpu().numpy()
         topk_ids = indices.cpu().numpy()
-        target = ((target_logit - lse[:, :-1]) * mask[:, 1:]).sum(dim=1).cpu().numpy()
+        # Selected, not multiplied by the mask: a padding target's log-prob may be -inf or NaN, and
+        # -inf x 0 is NaN.
+        target_logprob = torch.where(mask[:, 1:].bool(), target_logit - lse[:, :-1], 0.0)
+        target = target_logprob.sum(dim=1).cpu().numpy()
         features = None
         if layers:
             lengths = [len(s) for s in sequences]
