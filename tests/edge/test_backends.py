@@ -216,3 +216,38 @@ def test_close_releases_the_model(kind: str, tiny_llama: Path, onnx_exports: dic
     backend.close()
     gc.collect()
     assert runtime() is None
+
+
+def test_llama_cpp_sizes_its_context_by_the_windows_not_the_models_limit(
+    federation_tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """llama.cpp allocates the KV cache for the whole context when it loads: at the 131,072 tokens of
+    Llama-3.2-1B that is 4 GB. A model of 8,192 positions loads with 4,096 unless asked for more, and
+    `score` asks for its window length."""
+    pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deepfusion.cloud.zoo.presets import get_preset
+    from deepfusion.edge.backends.llama_cpp_backend import DEFAULT_CONTEXT
+    from deepfusion.edge.export.gguf import export_gguf
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(federation_tokenizer_dir)
+    config = get_preset("tiny-llama").config(len(tokenizer), max_position_embeddings=8192)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "long")
+    tokenizer.save_pretrained(tmp_path / "long")
+    gguf = export_gguf(tmp_path / "long", tmp_path / "gguf", quant="f16")
+    ids = np.arange(1, 65)
+    with load_backend("llama_cpp", gguf, threads=1) as default:
+        assert default.shape.context == DEFAULT_CONTEXT < 8192
+        assert default.llm.n_ctx() == DEFAULT_CONTEXT  # type: ignore[attr-defined]
+        expected = default.score([ids], top_k=8)[0]
+    with load_backend("llama_cpp", gguf, threads=1, context=64) as small:
+        assert small.shape.context == 64
+        assert small.llm.n_ctx() <= 256  # type: ignore[attr-defined]  # llama.cpp pads to 256
+        got = small.score([ids], top_k=8)[0]
+    np.testing.assert_array_equal(got.topk_ids, expected.topk_ids)
+    np.testing.assert_allclose(got.topk_logprobs, expected.topk_logprobs, atol=1e-5)
+    with load_backend("llama_cpp", gguf, threads=1, context=100_000) as large:
+        assert large.shape.context == 8192  # never beyond the model's own limit

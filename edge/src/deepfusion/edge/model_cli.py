@@ -245,7 +245,9 @@ def score(
         federation=federation, round=round, device=device, shard=shard_id, top_k=top_k, top_p=top_p,
         stages=stages, patches=patches, max_tokens=max_tokens, batch_size=batch_size,
     )  # fmt: skip
-    with load_backend(name, model, threads=threads) as runner:
+    # llama.cpp sizes its KV cache by the context it is given: the windows', not the model's longest.
+    options = {"context": max_tokens} if name == "llama_cpp" else {}
+    with load_backend(name, model, threads=threads, **options) as runner:
         report = score_texts(runner, tokenizer, texts, output, settings)
     typer.echo(
         f"{report.packets} packets, {report.sequences} sequences, {report.tokens:,} tokens, "

@@ -61,7 +61,7 @@ class ModelShape:
     num_layers: int
     hidden_size: int
     vocab_size: int  # width of the logits (may exceed the tokenizer's vocabulary: padding rows)
-    context: int  # longest sequence the model was built for
+    context: int  # longest sequence the loaded model scores: the model's limit, or less (llama.cpp)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,11 @@ from deepfusion.edge.features import pooling_matrix, stage_layers
 from deepfusion.edge.modelinfo import gguf_file, read_gguf
 from deepfusion.edge.topk import topk_log_softmax
 
-__all__ = ["LlamaCppBackend", "open_backend"]
+__all__ = ["DEFAULT_CONTEXT", "LlamaCppBackend", "open_backend"]
+
+# llama.cpp allocates the KV cache for the whole context up front: at a model's training context
+# (131,072 tokens for Llama-3.2-1B) that is 4 GB, for windows of a few hundred tokens.
+DEFAULT_CONTEXT = 4096
 
 
 def open_backend(path: Path, **options: Any) -> LlamaCppBackend:
@@ -53,7 +57,7 @@ class LlamaCppBackend(Backend):
             from deepfusion.edge.export.gguf import gguf_vocab_check
 
             gguf_vocab_check(path, tokens)
-        n_ctx = min(context or shape.context, shape.context)
+        n_ctx = min(context or DEFAULT_CONTEXT, shape.context)
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
