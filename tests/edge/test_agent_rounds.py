@@ -276,6 +276,65 @@ def test_the_uplink_outlives_a_full_disk(
     assert not uplink.is_alive() and not (tmp_path / "spool" / "packets" / f"{acked}.dfk").exists()
 
 
+class _Queued:
+    """A QoS 1 publish that the broker confirms only when the test says so."""
+
+    def __init__(self) -> None:
+        self.confirmed = threading.Event()
+
+    def is_published(self) -> bool:
+        return self.confirmed.is_set()
+
+    def wait_for_publish(self, timeout: float) -> None:
+        self.confirmed.wait(timeout)
+
+
+class SlowLink(RecordingClient):
+    """A link that takes its time: nothing published is confirmed until `confirm()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued: list[_Queued] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> _Queued:  # type: ignore[override]
+        super().publish(topic, payload, qos, retain)
+        self.queued.append(_Queued())
+        return self.queued[-1]
+
+    def confirm(self) -> None:
+        for info in self.queued:
+            info.confirmed.set()
+
+    def packets(self) -> list[bytes]:
+        topic = knowledge_topic(FED, DEVICE)
+        return [p for t, p in zip(self.topics, self.payloads, strict=True) if t == topic]
+
+
+def test_a_slow_link_gets_each_packet_once_until_the_broker_has_it(tmp_path: Path) -> None:
+    """A packet still queued in MQTT is not queued again, however late its Ack; only a window is queued."""
+    config = _config(tmp_path, tmp_path / "spool")
+    agent = Agent(config.model_copy(update={"spool": config.spool.model_copy(update={"resend_s": 0.1})}))
+    client = SlowLink()
+    agent._client = client  # type: ignore[assignment]
+    spooled = [agent.spool.add(bytes([i]) * 100, round=1) for i in range(agent_module.UPLINK_WINDOW + 8)]
+    uplink = threading.Thread(target=agent._uplink, daemon=True)
+    uplink.start()
+    try:
+        time.sleep(1.0)  # ten times resend_s without a single PUBACK
+        assert client.packets() == [agent.spool.read(d) for d in spooled[: agent_module.UPLINK_WINDOW]]
+        client.confirm()  # the broker has them; their Acks stay late, so they go again with the rest
+        deadline = time.monotonic() + 10
+        while len(set(client.packets())) < len(spooled) and time.monotonic() < deadline:
+            client.confirm()
+            time.sleep(0.02)
+        assert len(set(client.packets())) == len(spooled)
+        assert len(client.packets()) > len(spooled)  # a confirmed packet without its Ack is resent
+    finally:
+        agent._closing.set()
+        uplink.join(10)
+    assert not uplink.is_alive()
+
+
 def test_the_status_leaves_spool_full_when_scoring_resumes(tmp_path: Path) -> None:
     config = _config(tmp_path, tmp_path / "spool")
     agent = Agent(config.model_copy(update={"spool": config.spool.model_copy(update={"max_bytes": 1024})}))
@@ -323,6 +382,82 @@ def test_an_older_round_delivered_late_keeps_the_current_one(tmp_path: Path) -> 
     reset = spec(1, now + timedelta(minutes=1))  # a federation started over counts rounds from 1 again
     deliver(reset)
     assert agent._spec == reset and agent._generation == 2
+
+
+def test_a_round_the_deadline_cuts_or_misses_is_not_reported_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = Agent(_config(tmp_path, tmp_path / "spool"))
+    agent.fingerprint = "0" * 64
+    ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
+
+    def spec(deadline: datetime) -> RoundSpec:
+        return RoundSpec(
+            federation=FED,
+            round=3,
+            tokenizer=agent.fingerprint,
+            shards=[ref],
+            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
+            deadline=deadline,
+            top_k=16,
+            stages=0,
+            patches=2,
+        )
+
+    def score_past_the_deadline(spec: RoundSpec, *args: Any) -> int:
+        time.sleep(max(0.0, (spec.deadline - datetime.now(UTC)).total_seconds()) + 0.05)
+        return 2  # the deadline came after two sequences
+
+    monkeypatch.setattr(agent_module, "fetch_shard", lambda *args: TEXTS)
+    monkeypatch.setattr(agent, "_score_assignment", score_past_the_deadline)
+    with caplog.at_level(logging.INFO, logger="deepfusion.edge.agent"):
+        agent._score_round(spec(datetime.now(UTC) + timedelta(seconds=0.2)), 1, threading.Event())
+    assert agent._status["detail"] == "deadline passed" and agent._status["sequences_done"] == 2
+    assert "round 3 scored=False sequences=2/5" in caplog.text
+
+    agent._score_round(spec(datetime.now(UTC) - timedelta(seconds=1)), 2, threading.Event())
+    assert agent._status["detail"] == "deadline passed" and agent._status["state"] == "online"
+
+
+def test_a_round_opened_again_under_the_same_id_is_scored_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A federation that starts over counts rounds from 1 again: old cursors must not skip the new round."""
+    agent = Agent(_config(tmp_path, tmp_path / "spool"))
+    agent.fingerprint = "0" * 64
+    ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
+    now = datetime.now(UTC)
+
+    def spec(opened_at: datetime) -> RoundSpec:
+        return RoundSpec(
+            federation=FED,
+            round=1,
+            tokenizer=agent.fingerprint,
+            shards=[ref],
+            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
+            deadline=now + timedelta(hours=1),
+            opened_at=opened_at,
+            top_k=16,
+            stages=0,
+            patches=2,
+        )
+
+    begins: list[int] = []
+
+    def score(spec: RoundSpec, generation: int, assignment: ShardAssignment, texts: Any, begin: int,
+              stop_at: int, done: int, stop: Any) -> int:  # fmt: skip
+        begins.append(begin)
+        agent.spool.set_cursor(agent._cursor_key(spec, assignment), stop_at)
+        return done + stop_at - begin
+
+    monkeypatch.setattr(agent_module, "fetch_shard", lambda *args: TEXTS)
+    monkeypatch.setattr(agent, "_score_assignment", score)
+    first = spec(now - timedelta(minutes=5))
+    agent._score_round(first, 1, threading.Event())
+    agent._score_round(first, 2, threading.Event())  # the same opening again (a restart): nothing left
+    assert begins == [0]
+    agent._score_round(spec(now), 3, threading.Event())
+    assert begins == [0, 0]
 
 
 def test_a_private_corpus_without_text_is_a_config_error(tmp_path: Path) -> None:

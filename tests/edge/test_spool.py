@@ -90,6 +90,31 @@ def test_unreadable_index_starts_empty(tmp_path: Path) -> None:
     assert len(again) == 0 and not list((tmp_path / "packets").iterdir())
 
 
+@pytest.mark.parametrize(
+    "index",
+    ["[]", "null", '{"packets": [5]}', '{"cursors": {"1/s/0": null}}', '{"packets": [["../../x", 1, 3]]}'],
+)
+def test_an_index_damaged_into_other_json_starts_empty(
+    tmp_path: Path, index: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device must not fail to start on it: it is an unreadable index like any other."""
+    Spool(tmp_path, max_bytes=10_000).add(_packet(1), round=0)
+    (tmp_path / "index.json").write_text(index)
+    with caplog.at_level(logging.ERROR):
+        again = Spool(tmp_path, max_bytes=10_000)
+    assert len(again) == 0 and not list((tmp_path / "packets").iterdir())
+    assert "is unreadable" in caplog.text
+
+
+def test_a_size_damaged_in_the_index_is_taken_from_the_file(tmp_path: Path) -> None:
+    digest = Spool(tmp_path, max_bytes=10_000).add(_packet(1), round=2, cursor=("2/s/0", 4))
+    (tmp_path / "index.json").write_text(
+        json.dumps({"packets": [[digest, 2, 10**12]], "cursors": {"2/s/0": 4}})
+    )
+    again = Spool(tmp_path, max_bytes=10_000)
+    assert again.used_bytes == 100 and again.cursor("2/s/0") == 4 and again.read(digest) == _packet(1)
+
+
 def test_rejected_packet_is_logged_and_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     spool = Spool(tmp_path, max_bytes=10_000)
     digest = spool.add(_packet(1), round=4)

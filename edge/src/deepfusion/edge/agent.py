@@ -13,10 +13,11 @@ What it does, in order:
    to the spool before anything is published. A new RoundSpec cancels the stale round between batches;
    a passed deadline ends it. A round whose scoring fails is logged, shown in the status and tried
    again later; the agent itself keeps running.
-3. Uplink (its own thread): publishes every spooled packet with QoS 1 at the configured byte rate and
-   publishes it again whenever its Ack is late; an accepted Ack removes it from the spool, a rejected
-   one is logged and dropped. After a crash, reboot or broker outage the spool still holds what was
-   not acknowledged, and the scoring cursor stored with each packet says where to resume.
+3. Uplink (its own thread): publishes every spooled packet with QoS 1 at the configured byte rate, at
+   most `UPLINK_WINDOW` of them not yet confirmed by the broker, and publishes it again whenever its
+   Ack is late (never while MQTT still holds a copy); an accepted Ack removes it from the spool, a
+   rejected one is logged and dropped. After a crash, reboot or broker outage the spool still holds
+   what was not acknowledged, and the scoring cursor stored with each packet says where to resume.
 4. On SIGTERM: finishes the current batch, spools what it holds, marks itself offline and exits.
 
 Packets equal `deepfusion-edge score` on the same texts: the same windows, backend batches, packet
@@ -73,6 +74,7 @@ _LOAD_LOCK = threading.Lock()  # agents hosted in one process load their models 
 ACK_FLUSH_S = 1.0  # how long an Ack may wait to be written to the spool index (a crash resends it)
 RETRY_MIN_S = 10.0  # wait after a round's scoring failed; it doubles with each failure of that round
 RETRY_MAX_S = 600.0
+UPLINK_WINDOW = 32  # packets handed to MQTT that the broker has not confirmed yet
 
 
 class RateLimiter:
@@ -373,16 +375,19 @@ class Agent:
         sent: dict[str, tuple[float, Any]] = {}  # digest -> (when, paho's message info)
         flushed = time.monotonic()
         while not self._closing.is_set():
+            # A window of unconfirmed publishes: a slow link must not queue the whole spool in memory,
+            # where a packet would wait longer than `resend_s` and so be queued again and again.
+            unconfirmed = [info for _, info in sent.values() if not info.is_published()]
             if client.connected:
                 for entry in self.spool.pending():
-                    if self._closing.is_set() or not client.connected:
+                    if self._closing.is_set() or not client.connected or len(unconfirmed) >= UPLINK_WINDOW:
                         break
                     last = sent.get(entry.digest)
                     if last is not None:
+                        if not last[1].is_published():
+                            continue  # paho sends it until the broker confirms it, again after a reconnect
                         age = time.monotonic() - last[0]
-                        # Still in flight: paho retransmits it itself after a reconnect.
-                        in_flight = not last[1].is_published()
-                        if age < resend_s or (in_flight and age < 3 * resend_s):
+                        if age < resend_s:
                             continue
                         log.info("resending unacked packet=%s age=%.1fs", entry.digest[:12], age)
                     try:
@@ -392,10 +397,12 @@ class Agent:
                     if not limiter.acquire(len(data) + len(topic), self._closing):
                         break
                     try:
-                        sent[entry.digest] = (time.monotonic(), client.publish(topic, data, qos=1))
+                        info = client.publish(topic, data, qos=1)
                     except MqttError as exc:
                         log.warning("publish failed: %s", exc)
                         break
+                    sent[entry.digest] = (time.monotonic(), info)
+                    unconfirmed.append(info)
                 live = {e.digest for e in self.spool.pending()}
                 for digest in [d for d in sent if d not in live]:
                     del sent[digest]
@@ -403,7 +410,10 @@ class Agent:
             if time.monotonic() - flushed >= ACK_FLUSH_S:
                 flushed = time.monotonic()
                 self._flush_acks()
-            self.spool.wait_for_change(min(0.5, resend_s / 4))
+            if len(unconfirmed) >= UPLINK_WINDOW:
+                unconfirmed[0].wait_for_publish(min(0.5, resend_s / 4))  # a confirmation makes room
+            else:
+                self.spool.wait_for_change(min(0.5, resend_s / 4))
         self._flush_acks()
 
     def _flush_acks(self) -> None:
@@ -479,7 +489,7 @@ class Agent:
 
     def _score_round(self, spec: RoundSpec, generation: int, stop: threading.Event) -> None:
         assignments = spec.assignments.get(self.device, [])
-        self.spool.keep_cursors(f"{spec.round}/")
+        self._keep_cursors_of(spec)
         if not assignments:
             self._publish_status(
                 force=True, state=DeviceState.ONLINE, round=spec.round, detail="not assigned"
@@ -487,6 +497,9 @@ class Agent:
             return
         if datetime.now(UTC) >= spec.deadline:
             log.warning("round %d: deadline %s has passed; not scoring", spec.round, spec.deadline)
+            self._publish_status(
+                force=True, state=DeviceState.ONLINE, round=spec.round, detail="deadline passed"
+            )
             return
         if spec.tokenizer != self.fingerprint:
             log.error(
@@ -516,12 +529,14 @@ class Agent:
             done = self._score_assignment(spec, generation, assignment, texts, begin, stop_at, done, stop)
             if stop.is_set() or datetime.now(UTC) >= spec.deadline:
                 break
-        finished = not stop.is_set()
+        # The fleet's view must not call a round scored that the deadline cut short.
+        late = not stop.is_set() and datetime.now(UTC) >= spec.deadline
+        finished = not stop.is_set() and not late
         self._publish_status(
             force=True,
             state=DeviceState.ONLINE,
             sequences_done=done,
-            detail="round scored" if finished else "",
+            detail="round scored" if finished else "deadline passed" if late else "",
         )
         log.info(
             "round %d scored=%s sequences=%d/%d unacked=%d",
@@ -531,6 +546,17 @@ class Agent:
             total,
             len(self.spool),
         )
+
+    def _keep_cursors_of(self, spec: RoundSpec) -> None:
+        """Forget the cursors of other rounds, and those of an earlier opening of this round: a federation
+        that starts over counts rounds from 1 again, and its round must not be skipped as scored."""
+        prefix = f"{spec.round}/"
+        opening = f"{prefix}@opened"  # no shard id has an @, so no cursor key starts with it
+        stamp = round(spec.opened_at.timestamp() * 1e6)
+        if self.spool.cursor(opening) not in (None, stamp):
+            prefix = opening  # keeps only the stamp of this round, replaced below
+        self.spool.keep_cursors(prefix)
+        self.spool.set_cursor(opening, stamp)
 
     def _shard(self, spec: RoundSpec, name: str) -> ShardRef:
         """The shard's reference in the newest copy of `spec`: its presigned URL may have been renewed."""

@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ PACKETS = "packets"
 _SUFFIX = ".dfk"
 _TEMP = ".partial"
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 
 
 class SpoolFull(RuntimeError):
@@ -83,6 +85,22 @@ def _fsync_directory(directory: Path) -> None:
         pass  # some file systems cannot fsync a folder
     finally:
         os.close(fd)
+
+
+def _parse_index(data: bytes) -> tuple[list[tuple[str, int]], dict[str, int]]:
+    """The (digest, round) of each indexed packet and the cursors; ValueError for an index in any other
+    shape (damaged in a way that still parses as JSON)."""
+    index = json.loads(data)
+    if not isinstance(index, dict):
+        raise ValueError("not a JSON object")
+    try:
+        packets = [(str(digest), int(round_id)) for digest, round_id, _size in index.get("packets", [])]
+        cursors = {str(key): int(value) for key, value in dict(index.get("cursors", {})).items()}
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(str(exc)) from None
+    if not all(_DIGEST.fullmatch(digest) for digest, _ in packets):
+        raise ValueError("a packet name is not a sha256")  # it names a file: never outside packets/
+    return packets, cursors
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -287,17 +305,17 @@ class Spool:
 
     def _recover(self) -> None:
         path = self.directory / INDEX
-        index: dict[str, object] = {}
+        listed: list[tuple[str, int]] = []
         if path.is_file():
             try:
-                index = json.loads(path.read_bytes())
-            except ValueError:
-                log.error("spool index %s is unreadable; starting empty (its packets are scored again)", path)
-        cursors = index.get("cursors", {})
-        if isinstance(cursors, dict):
-            self._cursors = {str(k): int(v) for k, v in cursors.items()}
-        listed = index.get("packets", [])
-        for digest, round_id, size in listed if isinstance(listed, list) else []:
+                listed, self._cursors = _parse_index(path.read_bytes())
+            except ValueError as exc:
+                log.error(
+                    "spool index %s is unreadable (%s); starting empty (its packets are scored again)",
+                    path,
+                    exc,
+                )
+        for digest, round_id in listed:
             file = self._packets / f"{digest}{_SUFFIX}"
             try:
                 data = file.read_bytes()
@@ -310,8 +328,9 @@ class Spool:
                 file.unlink()
                 self._cursors.clear()
                 continue
-            self._entries[digest] = SpoolEntry(digest, int(round_id), int(size))
-            self._used += int(size)
+            # Sized by the checked file: a size damaged in the index would skew the bound until the Ack.
+            self._entries[digest] = SpoolEntry(digest, round_id, len(data))
+            self._used += len(data)
         for file in self._packets.iterdir():
             name = file.name
             known = name.endswith(_SUFFIX) and name[: -len(_SUFFIX)] in self._entries
