@@ -162,6 +162,37 @@ def test_a_round_with_more_stages_than_layers_gives_valid_packets(make_agent: An
             assert sequence.features is not None and sequence.features.shape == (3, 2, 128)
 
 
+def test_a_model_of_a_shorter_context_than_the_rounds_windows_scores_their_prefixes(
+    tmp_path: Path, random_models: dict[str, Path]
+) -> None:
+    """GPT-2's learned positions end at n_positions: windows of the round's length failed every batch, and
+    the round was retried for ever. The agent scores each sequence's longest prefix the model takes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = tmp_path / "short-gpt2"
+    short = AutoModelForCausalLM.from_pretrained(random_models["tiny-gpt2"])
+    short.config.n_positions = 16
+    short.transformer.wpe.weight.data = short.transformer.wpe.weight.data[:16].clone()
+    short.save_pretrained(model)
+    AutoTokenizer.from_pretrained(random_models["tiny-gpt2"]).save_pretrained(model)
+    config = DeviceConfig.model_validate(
+        {
+            "device": {"id": DEVICE, "federation": FED, "state_dir": str(tmp_path / "state")},
+            "model": {"path": str(model), "threads": 1, "batch_size": 2},
+            "spool": {"dir": str(tmp_path / "spool")},
+        }
+    )
+    agent = LocalAgent(config, model)
+    try:
+        spec = agent.open_round(tmp_path, max_tokens=48)
+        _run_rounds(agent, lambda: _round_done(agent, spec))
+    finally:
+        agent.backend.close()
+    assert sorted(agent.packed_ids()) == list(range(len(TEXTS)))
+    lengths = [len(s.token_ids) for packet, _ in agent.spooled for s in packet.sequences()]
+    assert max(lengths) == 16
+
+
 def test_an_oversized_sequence_is_logged_and_nothing_else_is_lost(
     make_agent: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -602,9 +602,13 @@ class Agent:
         builder = PacketBuilder(header, budget=spec.packet_budget)
         key = self._cursor_key(spec, assignment)
 
+        # A model of a shorter context scores its longest prefix of each sequence rather than none of it
+        # (GPT-2's learned positions stop at 1,024; llama.cpp loads at most DEFAULT_CONTEXT).
+        length = min(spec.max_tokens, self.backend.shape.context)
+
         def first_windows() -> Iterator[Window]:
             seen = -1
-            for window in windows(self.tokenizer, texts[begin:stop_at], spec.max_tokens):
+            for window in windows(self.tokenizer, texts[begin:stop_at], length):
                 if window.record != seen:  # sequence i of a round is line i, cut to max_tokens
                     seen = window.record
                     yield replace(window, sequence_id=begin + window.record)
