@@ -464,3 +464,37 @@ def test_a_coordinator_killed_before_the_first_rounds_pointer_announces_the_roun
             client.close()
     finally:
         device.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("coordinator.json", b'{"round": "two"}'),
+        ("coordinator.json", b"{trunc"),
+        ("rounds/0/state.json", b'{"federation": "fed", "round": 0}'),
+        ("rounds/0/state.json", b"\x00\x01"),
+    ],
+)
+def test_a_damaged_state_file_stops_the_coordinator_with_one_line_and_is_kept(
+    broker, tmp_path, name: str, damage: bytes
+):
+    """Only corruption damages these files (every write is atomic); the coordinator must neither crash
+    with a traceback nor write over what may be the only record of a round."""
+    store_dir = tmp_path / "store"
+    store = open_store(str(store_dir))
+    store.put(f"{FED}/coordinator.json", b'{"federation": "fed", "round": 0, "updated_at": "x"}')
+    store.put(f"{FED}/{name}", damage)
+    overrides = [*base_overrides(broker, str(store_dir)), "coordinator.tick_s=0.2"]
+    run = [
+        sys.executable,
+        "-m",
+        "deepfusion.cloud.cli",
+        "coordinator",
+        *(a for o in overrides for a in ("--set", o)),
+    ]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{FED}/{name} is damaged" in lines[0] and "restore it from a backup" in lines[0]
+    assert store.get(f"{FED}/{name}") == damage

@@ -31,6 +31,8 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+from pydantic import ValidationError
+
 from deepfusion.cloud.cluster import cluster_devices
 from deepfusion.cloud.registry import FederationView
 from deepfusion.cloud.rounds import (
@@ -45,9 +47,16 @@ from deepfusion.cloud.rounds import (
 )
 from deepfusion.cloud.settings import CloudConfig
 from deepfusion.cloud.shards import list_shards, shard_key
-from deepfusion.shared.messages import MessageError, ReleaseNote, RoundSpec, decode_message, encode_message
+from deepfusion.shared.messages import (
+    MessageError,
+    ReleaseNote,
+    RoundSpec,
+    decode_message,
+    encode_message,
+    validation_problems,
+)
 from deepfusion.shared.mqtt import MqttClient
-from deepfusion.shared.store import ObjectNotFound, ObjectStore, open_store
+from deepfusion.shared.store import ObjectNotFound, ObjectStore, StoreError, open_store
 from deepfusion.shared.topics import release_topic, round_topic
 
 __all__ = ["Coordinator", "read_pointer", "read_state", "release_key"]
@@ -61,17 +70,34 @@ def release_key(federation: str, version: str) -> str:
 
 
 def read_pointer(store: ObjectStore, federation: str) -> int | None:
+    key = coordinator_key(federation)
     try:
-        return int(json.loads(store.get(coordinator_key(federation)))["round"])
+        data = store.get(key)
     except ObjectNotFound:
         return None
+    try:
+        return int(json.loads(data)["round"])
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, no round, not a number
+        raise _damaged(key, f"{type(exc).__name__}: {exc}", "the coordinator finds the round again") from None
 
 
 def read_state(store: ObjectStore, federation: str, round_id: int) -> RoundState | None:
+    key = state_key(federation, round_id)
     try:
-        return RoundState.model_validate_json(store.get(state_key(federation, round_id)))
+        data = store.get(key)
     except ObjectNotFound:
         return None
+    try:
+        return RoundState.model_validate_json(data)
+    except ValidationError as exc:
+        anew = f"the coordinator plans round {round_id} anew"
+        raise _damaged(key, validation_problems(exc), anew) from None
+
+
+def _damaged(key: str, problem: str, if_deleted: str) -> StoreError:
+    """The store holds a state file the coordinator cannot read: only corruption does that (writes are
+    atomic), and overwriting it could lose a round, so the services stop and say how to recover."""
+    return StoreError(f"{key} is damaged ({problem}); restore it from a backup, or delete it: {if_deleted}")
 
 
 def _now() -> datetime:

@@ -47,6 +47,7 @@ __all__ = [
     "check_window",
     "decode_message",
     "encode_message",
+    "validation_problems",
 ]
 
 SCHEMA_VERSION = 1
@@ -306,7 +307,12 @@ def decode_message(model: type[MessageT], payload: bytes | str) -> MessageT:
     try:
         return model.model_validate_json(payload)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise MessageError(f"invalid {model.__name__}: {problems}") from None
+        raise MessageError(f"invalid {model.__name__}: {validation_problems(exc)}") from None
+
+
+def validation_problems(error: ValidationError) -> str:
+    """Every problem pydantic found, on one line: `field.sub: message; ...`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {' '.join(str(err['msg']).split())}"
+        for err in error.errors()
+    )
