@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,18 @@ def test_an_unknown_preset_is_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"devices\.0\.preset.*unknown preset 'tiny-lama'"):
         load_profile(str(path))
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "..\\x"])
+def test_the_run_name_is_one_folder_name(name: str) -> None:
+    # `--set name=` wrote store, work, logs and report.md straight into results/ (and ".." beside it).
+    with pytest.raises(ConfigError, match="must be one folder name"):
+        load_profile("quick", [f"name={json.dumps(name)}"])
+
+
+@pytest.mark.parametrize("federation", ["Demo", "a/b", "x" * 60])
+def test_a_bad_federation_id_is_a_config_error(federation: str) -> None:
+    # The services refused it only after the assets and devices were built; 60 characters fit an id, but
+    # not the paper-mode arm's "<id>-paper".
+    with pytest.raises(ConfigError, match="federation id"):
+        load_profile("quick", [f'federation="{federation}"'])

@@ -8,12 +8,20 @@ profiles.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.console import Console
 
 __all__ = ["simulate"]
+
+
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # SIGTERM's default action ends the process at once, skipping the `finally` blocks that stop the
+    # services, the agents and the embedded broker: they were left running, mosquitto still listening.
+    raise SystemExit(128 + signum)
 
 
 def simulate(
@@ -84,8 +92,11 @@ def simulate(
         baselines=baselines,
         workers=workers,
     )
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         simulate_run(chosen, options, console)
     except (ValueError, RuntimeError, TimeoutError, StoreError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -322,9 +322,11 @@ def run_arms(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from deepfusion.cloud.sim.devices import end_on_ctrl_c
+
     context = multiprocessing.get_context("spawn")
     results: dict[str, ArmResult | Exception] = {}
-    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context) as pool:
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=end_on_ctrl_c) as pool:
         futures = {pool.submit(run_arm, setup, method): method for method in methods}
         try:
             for future in as_completed(futures):

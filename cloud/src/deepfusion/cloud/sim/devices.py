@@ -11,6 +11,7 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from deepfusion.cloud.sim.profile import FinetuneSection
 from deepfusion.shared.config import MqttConfig, mqtt_toml, toml_string
 
-__all__ = ["DeviceBuild", "DeviceJob", "build_devices", "write_device_config"]
+__all__ = ["DeviceBuild", "DeviceJob", "build_devices", "end_on_ctrl_c", "write_device_config"]
 
 
 @dataclass(frozen=True)
@@ -130,12 +131,22 @@ def _build_in(job: DeviceJob, directory: Path) -> DeviceBuild:
     return build
 
 
+def end_on_ctrl_c() -> None:
+    """Pool worker initializer: Ctrl-C (SIGINT to the whole process group) ends the worker at once.
+
+    As a KeyboardInterrupt it ended only the task: the pool's worker catches it, reports it and runs the
+    next task already handed to it, so the run went on for a whole device build or baseline after Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def build_devices(
     jobs: list[DeviceJob], workers: int = 2, on_done: Callable[[DeviceBuild], None] | None = None
 ) -> list[DeviceBuild]:
     """Fine-tune and export every device; `workers` processes at a time (spawned: torch and fork clash)."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=context) as pool:
+    size = max(1, min(workers, len(jobs)))
+    with ProcessPoolExecutor(size, mp_context=context, initializer=end_on_ctrl_c) as pool:
         futures = [pool.submit(_build, job) for job in jobs]
         builds = []
         try:

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from deepfusion.shared.config import Section, load_config
+from deepfusion.shared.topics import validate_id
 
 __all__ = ["DeviceTemplate", "SimProfile", "load_profile", "profile_path"]
 
@@ -122,6 +123,24 @@ class SimProfile(Section):
     student: StudentSection = Field(default_factory=StudentSection)
     moe: MoeSection = Field(default_factory=MoeSection)
     devices: list[DeviceTemplate] = Field(..., min_length=2)
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        # results/<name>/ is written and partly deleted: "", "." or ".." would put the run's files in
+        # results/ itself or beside it, and a "/" somewhere else again.
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"name {name!r} must be one folder name (it becomes results/<name>/)")
+        return name
+
+    @field_validator("federation")
+    @classmethod
+    def _federation_id(cls, federation: str) -> str:
+        # Checked at load: the services refuse a bad id only after the assets and devices are built. The
+        # paper-mode arm runs as federation "<id>-paper", which must be a valid id too.
+        validate_id(federation, "federation id")
+        validate_id(f"{federation}-paper", "paper-mode federation id")
+        return federation
 
     @model_validator(mode="after")
     def _both_domains(self) -> SimProfile:

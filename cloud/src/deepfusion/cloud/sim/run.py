@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from deepfusion.cloud.sim.results import (
 )
 from deepfusion.shared.broker import EmbeddedBroker
 from deepfusion.shared.config import MqttConfig, mqtt_toml, toml_string
+from deepfusion.shared.mqtt import MqttClient
 from deepfusion.shared.packets import KnowledgePacket, decode, encode
 from deepfusion.shared.store import ObjectStore, open_store
 
@@ -130,6 +132,27 @@ def _mqtt(broker: str) -> MqttConfig:
     if not host or not (port or "1883").isdigit():
         raise ValueError(f"--broker {broker}: expected mqtt://HOST:PORT")
     return MqttConfig(host=host, port=int(port or 1883))
+
+
+def _clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from `out`, so a failed or smaller rerun cannot leave its report,
+    logs (another process layout, a hostile device, more rounds) or release beside this run's. The caches
+    (work/, the default store) stay."""
+    for name in ("report.md", "metrics.json", "plots", "logs", "release"):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _probe(mqtt: MqttConfig) -> None:
+    """Connect to the broker once and leave; MqttError (a RuntimeError) when it cannot be reached."""
+    client = MqttClient(mqtt, f"simulator-probe-{os.getpid()}")
+    try:
+        client.connect()
+    finally:
+        client.close()
 
 
 def _fresh(store: ObjectStore, *federations: str) -> None:
@@ -271,10 +294,15 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         raise ValueError("--drop and --poison name the same device; pick two")
     out = options.out.resolve() / profile.name
     work = out / "work"
-    # A bad --store or --broker fails here, not after the assets and devices (minutes to hours).
+    # A bad --store or --broker fails here, not after the assets and devices (minutes to hours): each is
+    # used once, so an unreachable one is found too, not only a malformed one.
     store_uri = options.store or str(out / "store")
     store = open_store(store_uri)
+    _fresh(store, profile.federation, f"{profile.federation}-paper")
     given = _mqtt(options.broker) if options.broker is not None else None
+    if given is not None:
+        _probe(given)
+    _clear_outputs(out)
     per_domain = max(sum(t.domain == d for _, t, _ in fleet) for d in ("medical", "finance"))
     step = _Phases(console)
 
@@ -308,7 +336,6 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
     builds = {b.job.device: b for b in build_devices(jobs, workers=options.workers, on_done=built)}
 
     step("federation", "broker, object store, ingest, coordinator, agents, trainer")
-    _fresh(store, profile.federation, f"{profile.federation}-paper")
     security = work / "security" if options.secure else None
     accounts = _enroll(security, profile.federation, names) if security else {}
     listener = broker_listener_config(security) if security else ["allow_anonymous true"]
@@ -420,7 +447,6 @@ def simulate_run(profile: SimProfile, options: SimOptions, console: Console) -> 
         )
 
     release_dir = out / "release"
-    shutil.rmtree(release_dir, ignore_errors=True)
     download_dir(store, f"{profile.federation}/releases/{last.release}/model/", release_dir)
     moe = AutoModelForCausalLM.from_pretrained(release_dir, dtype=torch.float32).eval()
     quarantined: dict[str, str] = json.loads((release_dir / "metrics.json").read_text())["quarantined"]
