@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ import pytest
 from deepfusion.cloud.ingest import knowledge_key
 from deepfusion.cloud.ingest_service import IngestCounters, IngestService, counters_key, read_all_counters
 from deepfusion.shared.messages import Ack, RejectReason, ShardAssignment
+from deepfusion.shared.mqtt import Message, MqttError
 from deepfusion.shared.packets import encode
 from deepfusion.shared.store import ObjectStore, StoreError, open_store
 from deepfusion.shared.store.local import LocalStore
@@ -364,6 +366,7 @@ def test_counters_files_of_another_shape_are_skipped(tmp_path):
         '{"devices": {"dev-1": null}}',
         '{"devices": {"dev-1": {"accepted": null}}}',
         '{"devices": 3}',
+        '{"devices": {"dev-1": {"accepted": 1e400}}}',  # inf: int() overflows
     )
     for i, text in enumerate(bad):
         with pytest.raises(ValueError, match="not an ingest counters file"):
@@ -371,3 +374,52 @@ def test_counters_files_of_another_shape_are_skipped(tmp_path):
         store.put(counters_key(FED, f"bad-{i}"), text.encode())
     totals = read_all_counters(store, FED)
     assert set(totals) == {"dev-1"} and (totals["dev-1"].accepted, totals["dev-1"].bytes) == (1, 100)
+
+
+def test_a_packet_received_as_the_worker_starts_to_stop_is_still_handled(tmp_path):
+    """The network thread may have decided to queue a packet, but not yet queued it, when SIGTERM's
+    drain begins: the drain must not finish without it (paho has acknowledged it to the broker)."""
+    config = config_from([f'store.uri="{tmp_path / "store"}"', f"federation={FED}", "ingest.threads=2"])
+    service = IngestService(config, LocalStore(tmp_path / "store"))
+    handled: list[Message] = []
+    service.handle = handled.append
+    put = service._queue.put
+
+    def preempted_put(item: object, block: bool = True, timeout: float | None = None) -> None:
+        if isinstance(item, Message):
+            time.sleep(0.3)  # the network thread loses the CPU between its check and its put
+        put(item, block, timeout)
+
+    service._queue.put = preempted_put
+    threads = [threading.Thread(target=service._work, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    message = Message(knowledge_topic(FED, "dev-1"), b"packet", qos=1, retain=False)
+    network = threading.Thread(target=service._enqueue, args=(message,), daemon=True)
+    network.start()
+    time.sleep(0.05)
+    service._drain(threads)
+    network.join(5)
+    assert handled == [message]
+
+
+def test_a_worker_that_cannot_connect_stops_instead_of_hanging(tmp_path):
+    """Its store threads never started, so the drain must not wait for room for their stop markers."""
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    overrides = [f'store.uri="{tmp_path / "store"}"', f"federation={FED}", f"mqtt.port={port}"]
+    config = config_from([*overrides, 'mqtt.host="127.0.0.1"', "ingest.threads=4", "ingest.queue=1"])
+    service = IngestService(config)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            service.run(threading.Event())
+        except MqttError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(15)
+    assert not worker.is_alive() and len(errors) == 1

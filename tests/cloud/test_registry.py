@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from deepfusion.cloud.registry import FederationView
-from deepfusion.shared.messages import ReleaseNote, encode_message
+from deepfusion.shared.messages import DeviceState, DeviceStatus, ReleaseNote, encode_message
 from deepfusion.shared.mqtt import Message, MqttClient
-from deepfusion.shared.topics import card_topic, release_topic
+from deepfusion.shared.topics import card_topic, release_topic, status_topic
 from tests.cloud.federation import FED, card_for
 from tests.fixtures.broker import wait_for
 
@@ -61,4 +63,20 @@ def test_a_release_or_round_of_another_federation_on_our_topic_is_refused() -> N
     assert view.release == ours
     foreign = ReleaseNote(federation="other", version="v9", round=0, uri="file:///r/v9")
     view.handle(Message(release_topic(FED), encode_message(foreign), qos=1, retain=True))
+    assert view.release is None
+
+
+def test_live_traffic_does_not_put_off_dropping_what_a_reconnect_did_not_bring_back() -> None:
+    """The end of the broker's burst of retained messages is told by a quiet time. The statuses that
+    devices keep publishing (every few seconds each: a large fleet never pauses) are live traffic, not
+    the burst, and must not keep a round or release cleared while the view was away in it for ever."""
+    view = FederationView(FED, refresh_quiet_s=0.2)
+    note = ReleaseNote(federation=FED, version="v1", round=0, uri="file:///r/v1")
+    view.handle(Message(release_topic(FED), encode_message(note), qos=1, retain=True))
+    view._reconnected()  # the broker came back without the release
+    status = encode_message(DeviceStatus(federation=FED, device="pi-a", state=DeviceState.SCORING))
+    deadline = time.monotonic() + 2
+    while view.release is not None and time.monotonic() < deadline:
+        view.handle(Message(status_topic(FED, "pi-a"), status, qos=1, retain=False))
+        time.sleep(0.05)
     assert view.release is None

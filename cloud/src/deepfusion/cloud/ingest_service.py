@@ -132,7 +132,8 @@ class IngestCounters:
         try:
             parsed = json.loads(data)
             return cls({str(d): DeviceCounts.from_json(c) for d, c in parsed.get("devices", {}).items()})
-        except (AttributeError, TypeError) as exc:  # valid JSON of another shape: a list, nulls, ...
+        # Valid JSON of another shape: a list, nulls, a count of 1e400 (inf, which int() overflows), ...
+        except (AttributeError, TypeError, OverflowError) as exc:
             raise ValueError(f"not an ingest counters file: {exc}") from None
 
 
@@ -174,6 +175,9 @@ class IngestService:
         self._context_lock = threading.Lock()
         self.ready = threading.Event()  # set once the worker receives packets
         self._draining = threading.Event()
+        # Held by the network thread from its draining check until its packet is queued, so the drain
+        # cannot begin in between and leave that packet behind the stop markers, unhandled.
+        self._enqueue_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -219,14 +223,17 @@ class IngestService:
         """Store and ack what is queued while still connected, so that the Acks can go out.
 
         From here on the network thread handles what still arrives itself instead of queueing it, and
-        whatever a race left behind the stop markers is handled here.
+        what a thread stuck past its join left queued is handled here.
         """
-        self._draining.set()
-        for _ in threads:
+        with self._enqueue_lock:
+            self._draining.set()
+        # Only started threads take their stop marker: after a failed start, markers for all of them
+        # could fill the queue and block here for ever.
+        started = [thread for thread in threads if thread.ident is not None]
+        for _ in started:
             self._queue.put(_STOP)
-        for thread in threads:
-            if thread.is_alive():
-                thread.join(timeout=30)
+        for thread in started:
+            thread.join(timeout=30)
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -249,10 +256,12 @@ class IngestService:
     # -- packets ---------------------------------------------------------------------------------------
 
     def _enqueue(self, message: Message) -> None:
-        if self.settings.threads == 0 or self._draining.is_set():
+        with self._enqueue_lock:
+            queued = self.settings.threads > 0 and not self._draining.is_set()
+            if queued:
+                self._queue.put(message)  # blocks when full: the broker keeps the rest queued for us
+        if not queued:
             self._handle_safely(message)
-        else:
-            self._queue.put(message)  # blocks when full: the broker keeps the rest queued for us
 
     def _work(self) -> None:
         while True:

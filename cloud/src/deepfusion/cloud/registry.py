@@ -8,8 +8,8 @@
 A retained message is the broker's memory of a topic, so a service that restarts reads the whole
 federation back in one burst. An empty retained payload clears a topic (the coordinator clears
 `rounds/current` when a round closes). A client that reconnects gets the burst again, but nothing for a
-topic cleared while it was away: once the burst is over (`refresh_quiet_s` without a message), the view
-drops what it did not hear again. Malformed messages are logged and ignored, never fatal: one bad
+topic cleared while it was away: once the burst is over (`refresh_quiet_s` without a retained message),
+the view drops what it did not hear again. Malformed messages are logged and ignored, never fatal: one bad
 device must not blind the cloud to the others.
 """
 
@@ -98,7 +98,9 @@ class FederationView:
         self._round: RoundSpec | None = None
         self._release: ReleaseNote | None = None
         self._version = 0
-        self._last_update = time.monotonic()
+        # When the last retained message (the burst after a subscribe) arrived. Live messages, delivered
+        # without the retain flag, do not count: a large fleet's statuses would never leave a quiet time.
+        self._last_retained = time.monotonic()
         # Topics heard since the last reconnect, (kind, device); None when no refresh is under way.
         self._heard: set[tuple[TopicKind, str | None]] | None = None
 
@@ -144,7 +146,7 @@ class FederationView:
         with self._cond:
             while True:
                 now = time.monotonic()
-                quiet_until = max(self._last_update, start) + quiet_s
+                quiet_until = max(self._last_retained, start) + quiet_s
                 if now >= quiet_until or now >= deadline:
                     return
                 self._cond.wait(min(quiet_until, deadline) - now)
@@ -176,7 +178,8 @@ class FederationView:
             log.warning("ignored malformed message topic=%s: %s", message.topic, exc)
         finally:
             with self._cond:
-                self._last_update = time.monotonic()
+                if message.retain:
+                    self._last_retained = time.monotonic()
                 self._cond.notify_all()
 
     def _apply(self, kind: TopicKind, device: str | None, payload: bytes) -> None:
@@ -221,13 +224,13 @@ class FederationView:
         """A reconnect (network thread): start listening for what is retained now."""
         with self._cond:
             self._heard = set()
-            self._last_update = time.monotonic()
+            self._last_retained = time.monotonic()
         threading.Thread(target=self._drop_unheard, name="view-refresh", daemon=True).start()
 
     def _drop_unheard(self) -> None:
         """Once the reconnect's burst is over, forget the retained state the broker did not send again."""
         with self._cond:
-            while (remaining := self._last_update + self.refresh_quiet_s - time.monotonic()) > 0:
+            while (remaining := self._last_retained + self.refresh_quiet_s - time.monotonic()) > 0:
                 self._cond.wait(remaining)
             heard, self._heard = self._heard, None
             if heard is None:
