@@ -229,3 +229,18 @@ def test_bias_update_needs_a_deepseek_moe() -> None:
 
     with pytest.raises(ValueError, match="deepseek_v3"):
         BiasBalancer(merge_students_into_moe([_student(0), _student(1)], MergeSpec(split=1)), rate=0.01)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"num_attention_heads": 2, "num_key_value_heads": 1}, {"rope_theta": 500.0}, {"hidden_act": "gelu"}],
+)
+def test_students_of_one_tensor_shape_but_another_architecture_are_refused(change: dict[str, object]) -> None:
+    """Same tensor shapes, other meaning: averaging them under student 0's config is silently wrong."""
+    torch.manual_seed(1)
+    config = get_preset("student-tiny").config(VOCAB, num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    for name, value in change.items():
+        setattr(config, name, value)
+    other = Qwen2ForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="students must share one architecture"):
+        merge_students_into_moe([_student(0), other], MergeSpec(split=1))

@@ -38,7 +38,7 @@ from deepfusion.cloud.vaa import VAAConfig  # noqa: E402
 from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, train_byte_level_bpe  # noqa: E402
 from deepfusion.shared.corpora import FileEntry, SplitManifest, read_jsonl  # noqa: E402
 from deepfusion.shared.messages import ReleaseNote  # noqa: E402
-from deepfusion.shared.store import open_store  # noqa: E402
+from deepfusion.shared.store import ObjectStore, open_store  # noqa: E402
 from tests.cloud.tiny import DEVICES, FED, ROUND, put_sequences, tiny_student  # noqa: E402
 
 
@@ -651,3 +651,48 @@ def test_the_tuned_moe_beats_the_plain_weight_average_of_its_students_on_every_d
     for domain in domains:
         assert average[domain]["nll"] > oracle[domain] + 0.2, (domain, average, oracle)  # they specialised
         assert merged[domain]["nll"] < average[domain]["nll"] - 0.1, (domain, merged, average)
+
+
+def _featured(store: ObjectStore, device: str, stages: int, patches: int, width: int = 8) -> None:
+    """One packet from `device` of sequence 0 with features of stage 1 pooled into `patches` patches."""
+    import hashlib
+
+    from deepfusion.shared.packets import KnowledgePacket, PacketHeader, SequenceKnowledge, encode
+
+    n, vocab = 6, 50
+    rng = np.random.default_rng(len(device) + patches)
+    header = PacketHeader(
+        federation=FED, round=ROUND, device=device, shard="s", tokenizer="0" * 64, vocab_size=vocab,
+        top_k=4, stages=stages, patches=patches, feature_stages=(1,), feature_width=width,
+    )  # fmt: skip
+    top = np.stack([rng.permutation(vocab)[:4] for _ in range(n)])
+    features = rng.normal(size=(1, patches, width)).astype(np.float32)
+    logprobs = np.full((n, 4), -1.7)
+    knowledge = SequenceKnowledge(0, np.arange(n), np.zeros((n, 2)), top, logprobs, 2.0, features)
+    data = encode(KnowledgePacket.from_sequences(header, [knowledge]))
+    store.put(f"{FED}/rounds/{ROUND}/knowledge/{device}/{hashlib.sha256(data).hexdigest()}.dfk", data)
+
+
+def test_a_packet_pooled_with_another_j_or_p_than_the_round_is_left_out(tmp_path: Path) -> None:
+    """b's older packet has J=3, P=2 in a round of J=2, P=1: its features would not fit the VAA."""
+    store = open_store(str(tmp_path / "store"))
+    store.put(f"{FED}/rounds/{ROUND}/state.json", json.dumps({"spec": {"stages": 2, "patches": 1}}).encode())
+    _featured(store, "a", stages=2, patches=1)
+    _featured(store, "b", stages=3, patches=2)  # listed after a: the last packet must not set the round's J/P
+    clusters = ClusterReport(
+        k=1, assignment={"a": 0, "b": 0}, members={0: ["a", "b"]}, sizes={0: 2}, silhouette=None,
+        centroids=[[1.0]],
+    )  # fmt: skip
+    index = index_round(store, FED, ROUND, clusters)
+    assert (index.stages, index.patches) == (2, 1)
+    (batch,) = cluster_batches(store, index, 0)
+    assert [(r.device, r.weight) for r in batch.rows] == [("a", 1.0)]
+    assert batch.rows[0].features is not None and batch.rows[0].features.shape == (1, 1, 8)
+
+
+def test_evaluation_skips_windows_without_a_prediction() -> None:
+    """A batch of empty windows would reach the model as [B, 0]; windows under 2 tokens predict nothing."""
+    model = tiny_student(50)
+    window = np.arange(1, 7)
+    short = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.array([3])]
+    assert evaluate_windows(model, [*short, window], batch_size=2) == evaluate_windows(model, [window])

@@ -153,6 +153,7 @@ def index_round(
 ) -> RoundIndex:
     """One pass over the round's packets; devices outside the clustering or in `exclude` are ignored."""
     index = RoundIndex(federation, round_id, clusters)
+    shape = _round_shape(store, federation, round_id)
     for key in store.list(f"{round_prefix(federation, round_id)}knowledge/"):
         if not key.endswith(".dfk"):
             continue
@@ -167,7 +168,16 @@ def index_round(
         cluster = clusters.assignment.get(h.device)
         if cluster is None or h.device in exclude:
             continue
-        index.stages, index.patches = h.stages, h.patches
+        shape = shape or (h.stages, h.patches)
+        if (h.stages, h.patches) != shape:
+            # The feature model is sized by one J and P: a packet pooled otherwise (stored before ingest
+            # checked it) would fail it, and the last one read must not resize the round.
+            log.warning(
+                "round %d: skipped %s: stages=%d, patches=%d, round has %d, %d", round_id, key, h.stages,
+                h.patches, *shape,
+            )  # fmt: skip
+            continue
+        index.stages, index.patches = shape
         for seq in packet.sequences():
             scorers = index.sequences.setdefault((cluster, h.shard, seq.sequence_id), [])
             if any(device == h.device for _, device, _ in scorers):
@@ -183,6 +193,15 @@ def index_round(
                 for stage, states in zip(h.feature_stages, seq.features, strict=True):
                     index.moments.setdefault((h.feature_width, stage), _Moments()).add(states)
     return index
+
+
+def _round_shape(store: ObjectStore, federation: str, round_id: int) -> tuple[int, int] | None:
+    """(J, P) of the round's spec in `state.json`; None without one (the first packet read decides)."""
+    try:
+        spec = json.loads(store.get(state_key(federation, round_id)))["spec"]
+    except ObjectNotFound:
+        return None
+    return int(spec["stages"]), int(spec["patches"])
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,8 @@ def evaluate_windows(
     model: torch.nn.Module, windows: Sequence[np.ndarray], batch_size: int = 8
 ) -> dict[str, float]:
     """Token-weighted NLL, perplexity and accuracy of `model` over `windows` of token ids."""
+    # A window under 2 tokens predicts nothing, and a batch of empty ones would reach the model as [B, 0].
+    windows = [w for w in windows if len(w) > 1]
     was_training = model.training
     model.eval()
     total_nll, correct, count = 0.0, 0, 0

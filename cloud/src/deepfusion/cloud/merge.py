@@ -164,6 +164,21 @@ def _head_dim(student: Qwen2Config) -> int:
     return int(getattr(student, "head_dim", None) or student.hidden_size // student.num_attention_heads)
 
 
+def _architecture(student: Qwen2Config) -> tuple[object, ...]:
+    """The config fields the merged trunk's meaning depends on, beyond its tensor shapes."""
+    return (
+        student.vocab_size,
+        student.num_attention_heads,
+        student.num_key_value_heads,
+        _head_dim(student),
+        student.hidden_act,
+        float(student.rope_theta),
+        repr(student.rope_scaling),
+        student.rms_norm_eps,
+        student.tie_word_embeddings,
+    )
+
+
 def _rope_slots(student: Qwen2Config) -> list[tuple[int, int]]:
     """(KV head, Qwen2 head dimension) held by each dimension of MLA's shared rotary key.
 
@@ -312,6 +327,11 @@ def merge_students_into_moe(
     }
     if len(shapes) != 1:
         raise ValueError(f"students must share one shape, got {sorted(shapes)}")
+    # Equal tensor shapes can still mean different functions (other heads, rotary, activation); the
+    # trunk is averaged and the MoE built from student 0's config, so those must agree too.
+    architectures = {_architecture(s.config) for s in students}
+    if len(architectures) != 1:
+        raise ValueError(f"students must share one architecture, got {sorted(architectures, key=repr)}")
     deepseek = spec.architecture == "deepseek_v3"
     if spec.architecture not in ("qwen2_moe", "deepseek_v3"):
         raise ValueError(f"unknown architecture {spec.architecture!r}")
