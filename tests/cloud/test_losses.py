@@ -99,6 +99,26 @@ def test_sentinel_padding_is_ignored() -> None:
         torch.testing.assert_close(got[row : row + 1], want)
 
 
+def test_teacher_ids_beyond_the_students_vocabulary_join_the_tail() -> None:
+    """A teacher with padded vocabulary rows may rank an id the student does not have. Its mass belongs
+    to the tail bucket; clamped onto id V-1 it was compared with the student's V-1 once per such id."""
+    g = torch.Generator().manual_seed(4)
+    teacher, student = torch.randn(3, V + 10, generator=g) * 3, torch.randn(3, V, generator=g)
+    teacher[:, V + 2] = teacher[:, V + 7] = 9.0  # two out-of-vocabulary ids at the top of every row
+    ids, lp = _topk(teacher, 6)
+    assert (ids >= V).sum(-1).eq(2).all()
+    p = torch.softmax(teacher.double(), -1)
+    q = torch.softmax(student.double(), -1)
+    want = []
+    for row in range(3):
+        kept = [int(i) for i in ids[row] if i < V]
+        kl = sum(p[row, i] * math.log(p[row, i] / q[row, i]) for i in kept)
+        pt, qt = 1.0 - sum(p[row, i] for i in kept), 1.0 - sum(q[row, i] for i in kept)
+        want.append(float(kl + pt * math.log(pt / qt)))
+    got = topk_tail_kl(student, ids, lp)
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
 def test_next_token_ce_matches_manual_and_respects_mask() -> None:
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(2, 5, V, generator=g)
@@ -164,8 +184,8 @@ def test_student_kl_over_a_batch_equals_the_per_row_full_vocabulary_computation(
     rows = []
     for seq, weight, kr in ((0, 0.7, k), (0, 0.3, k - 2), (1, 1.0, k)):
         n = int(lengths[seq])
-        top = torch.stack([torch.randperm(vocab)[:kr] for _ in range(n)])
-        lp = torch.log_softmax(torch.randn(n, vocab), -1).gather(-1, top)
+        top = torch.stack([torch.randperm(vocab + 8)[:kr] for _ in range(n)])  # some beyond the student's
+        lp = torch.log_softmax(torch.randn(n, vocab + 8), -1).gather(-1, top)
         lp[0, 1:] = -math.inf  # a row cut short by top-p
         rows.append(TeacherRow(seq, "d", weight, top, lp, None, (), 0))
     trainer = StudentTrainer(student, StudentSpec(temperature=2.0), stages=0, patches=1, widths=())

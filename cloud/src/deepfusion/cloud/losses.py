@@ -50,10 +50,12 @@ def topk_tail_kl(
     student_logits  [N, V]  the student's logits at the positions the rows describe
     topk_ids        [N, k]  teacher ids (long, distinct per row); entries where `valid` is False are ignored
     topk_logprobs   [N, k]  teacher log-probs at temperature 1; -inf where padded
-    valid           [N, k]  bool, default `isfinite(topk_logprobs)` (sentinel padding is -inf)
+    valid           [N, k]  bool, default `isfinite(topk_logprobs)` (sentinel padding is -inf); ids
+                            beyond the student's vocabulary are never valid: their mass joins the tail
     returns         [N]     KL in nats, times T²
     """
     vocab = student_logits.size(-1)
+    valid = (torch.isfinite(topk_logprobs) if valid is None else valid) & (topk_ids < vocab)
     ids = topk_ids.clamp(0, vocab - 1)
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, ids)  # [N, k]
     return bucket_kl(student, topk_logprobs, vocab=vocab, temperature=temperature, valid=valid)

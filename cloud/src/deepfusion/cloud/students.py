@@ -82,9 +82,13 @@ def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> to
         ids.append(nn.functional.pad(r.topk_ids, (0, k - kr)))  # [n, k]
         lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
         weights.append(torch.full((n,), r.weight / n, device=device))
-    top = torch.cat(ids).clamp(0, logits.size(-1) - 1)  # [N, k]
-    student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top]  # [N, k]
-    per_token = bucket_kl(student, torch.cat(lps), vocab=logits.size(-1), temperature=temperature)  # [N]
+    top, teacher = torch.cat(ids), torch.cat(lps)  # [N, k]
+    vocab = logits.size(-1)
+    # An id beyond the student's vocabulary (a teacher's padded rows) has no student bucket: its mass
+    # joins the tail, instead of being clamped onto id V-1 and counted there once per such id.
+    valid = torch.isfinite(teacher) & (top < vocab)
+    student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top.clamp(0, vocab - 1)]
+    per_token = bucket_kl(student, teacher, vocab=vocab, temperature=temperature, valid=valid)  # [N]
     return (per_token * torch.cat(weights)).sum() / batch.input_ids.size(0)
 
 
