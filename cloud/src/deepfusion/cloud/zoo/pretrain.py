@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from deepfusion.cloud.zoo.presets import ModelPreset
 from deepfusion.cloud.zoo.tokenizer import fingerprint, load_tokenizer
+from deepfusion.shared.corpora.cache import staged_directory
 
 __all__ = [
     "PretrainResult",
@@ -163,12 +164,11 @@ def pretrain_base(
         seconds=time.perf_counter() - started,
         spec=asdict(spec),
     )
-    partial = directory.with_name(directory.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    # Written last: its presence is what marks the directory as complete.
-    (partial / _RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
-    partial.replace(directory)
+    with staged_directory(directory) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        # Its presence is what marks the directory as complete.
+        (staged / _RESULT).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return directory
 
 

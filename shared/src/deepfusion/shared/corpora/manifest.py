@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from deepfusion.shared.corpora.cache import staged_file
 from deepfusion.shared.corpora.wheels import file_sha256
 
 __all__ = ["CorpusEntry", "CorpusManifest", "FileEntry", "Manifest", "load_manifest", "save_manifest"]
@@ -72,9 +73,8 @@ ManifestT = TypeVar("ManifestT", bound=Manifest)
 
 def save_manifest(directory: Path, manifest: Manifest) -> Path:
     path = directory / MANIFEST_NAME
-    partial = path.with_name(MANIFEST_NAME + ".partial")
-    partial.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    partial.replace(path)
+    with staged_file(path) as staged:
+        staged.write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return path
 
 

