@@ -12,7 +12,7 @@ import pytest
 from deepfusion.cloud.ingest import IngestContext
 from deepfusion.cloud.registry import MAX_THROUGHPUT, DeviceRecord
 from deepfusion.cloud.rounds import close_decision, coverage_report, plan_assignments, quotas
-from deepfusion.cloud.shards import TextFileError, list_shards, publish_texts, read_texts, shard_key
+from deepfusion.cloud.shards import list_shards, publish_texts, read_texts, shard_key
 from deepfusion.shared.messages import (
     DeviceStatus,
     RejectReason,
@@ -23,6 +23,7 @@ from deepfusion.shared.messages import (
 )
 from deepfusion.shared.shards import encode_shard
 from deepfusion.shared.store import open_store
+from deepfusion.shared.textfiles import TextFileError
 from tests.shared.packet_factory import FINGERPRINT, make_packet
 
 

@@ -168,8 +168,8 @@ def test_a_text_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path, suffix: s
 @pytest.mark.parametrize(
     ("name", "content", "fault"),
     [
-        ("list.jsonl", b'{"text": "ok"}\n\n[1, 2]\n', ":3 is not a JSON object with a string 'text' field"),
-        ("number.jsonl", b'{"text": 5}\n', ":1 is not a JSON object with a string 'text' field"),
+        ("list.jsonl", b'{"text": "ok"}\n\n[1, 2]\n', ':3 is not a JSON object with a string "text" field'),
+        ("number.jsonl", b'{"text": 5}\n', ':1 is not a JSON object with a string "text" field'),
         ("far.txt", b"ok\n" * 5000 + b"caf\xe9\n", ":5001 is not UTF-8 text"),
     ],
 )

@@ -148,7 +148,8 @@ def _check_source(source: Path, limit: int | None) -> None:
     published and the rest not, and an empty file would publish nothing and still exit 0."""
     from itertools import islice
 
-    from deepfusion.cloud.shards import TextFileError, read_texts
+    from deepfusion.cloud.shards import read_texts
+    from deepfusion.shared.textfiles import TextFileError
 
     found = False
     try:

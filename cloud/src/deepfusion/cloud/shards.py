@@ -10,7 +10,6 @@ in the RoundSpec (file:// or presigned https://) and check its sha256; sequence 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 from deepfusion.shared.messages import ShardRef
 from deepfusion.shared.shards import SUFFIX, ShardError, decode_shard, encode_shard
 from deepfusion.shared.store import ObjectNotFound, ObjectStore
+from deepfusion.shared.textfiles import jsonl_text, numbered_lines
 from deepfusion.shared.topics import validate_id
 
 __all__ = [
-    "TextFileError",
     "list_shards",
     "publish_shard",
     "publish_texts",
@@ -65,43 +64,13 @@ def publish_texts(
     return refs
 
 
-class TextFileError(ValueError):
-    """A local text file that cannot be read, or a line of it that is not a text; the message names the
-    file and the line."""
-
-
 def read_texts(path: Path) -> Iterator[str]:
-    """Texts of a local file: JSONL with a string "text" field per line (`.jsonl`), else one text per line."""
+    """Texts of a local file: JSONL with a string "text" field per line (`.jsonl`), else one text per line;
+    `TextFileError` names a file or line that is not one."""
     jsonl = path.suffix == ".jsonl"
-    try:
-        # Undecodable bytes are escaped and refused line by line: a strict decode fails a whole chunk
-        # ahead of the line being read, so its error could not say which line is at fault.
-        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise TextFileError(
-                        f"{path}:{number} is not UTF-8 text; save the file as UTF-8"
-                    ) from None
-                yield _json_text(line, path, number) if jsonl else line.rstrip("\n")
-    except OSError as exc:
-        raise TextFileError(f"{path} cannot be read ({exc.strerror or exc})") from None
-
-
-def _json_text(line: str, path: Path, number: int) -> str:
-    try:
-        text = json.loads(line)["text"]
-    except (ValueError, KeyError, TypeError):  # not JSON, no "text" key, not an object
-        text = None
-    if not isinstance(text, str):
-        raise TextFileError(
-            f'{path}:{number} is not a JSON object with a string "text" field; '
-            'write one {"text": ...} object per line'
-        )
-    return text
+    for number, line in numbered_lines(path):
+        if line.strip():
+            yield jsonl_text(path, number, line) if jsonl else line.rstrip("\n")
 
 
 def list_shards(store: ObjectStore, federation: str, *, expires_s: int | None = None) -> list[ShardRef]:

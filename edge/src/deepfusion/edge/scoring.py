@@ -31,6 +31,7 @@ from deepfusion.shared.packets import (
     SequenceKnowledge,
     apply_top_p,
 )
+from deepfusion.shared.textfiles import TextFileError, jsonl_text, numbered_lines
 
 __all__ = ["ScoreReport", "ScoreSettings", "Window", "read_texts", "score_texts", "to_knowledge", "windows"]
 
@@ -84,25 +85,20 @@ def read_texts(path: Path) -> Iterator[str]:
     paragraphs); a file or line that cannot be read is a BAD_INPUT error naming the file and line."""
     if not path.is_file():
         raise ModelError(ErrorCode.BAD_INPUT, f"{path} is not a file", "pass a .jsonl or text file")
+    try:
+        yield from _texts(path)
+    except TextFileError as exc:
+        raise ModelError(ErrorCode.BAD_INPUT, str(exc), "fix or replace the file") from None
+
+
+def _texts(path: Path) -> Iterator[str]:
     if path.suffix == ".jsonl":
-        for number, line in _lines(path):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):  # not JSON, no "text" key, not an object
-                text = None
-            if not isinstance(text, str):
-                raise ModelError(
-                    ErrorCode.BAD_INPUT,
-                    f"{path}:{number} is not a JSON object with a string 'text' field",
-                    'write one {"text": ...} object per line',
-                )
-            if text:
+        for number, line in numbered_lines(path):
+            if line.strip() and (text := jsonl_text(path, number, line)):
                 yield text
         return
     paragraph: list[str] = []
-    for _, line in _lines(path):
+    for _, line in numbered_lines(path):
         if line.strip():
             paragraph.append(line.rstrip("\n"))
         elif paragraph:
@@ -110,28 +106,6 @@ def read_texts(path: Path) -> Iterator[str]:
             paragraph = []
     if paragraph:
         yield "\n".join(paragraph)
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The numbered lines of a UTF-8 text file."""
-    try:
-        # Undecodable bytes are escaped and refused line by line: a strict decode fails a whole chunk
-        # ahead of the line being read, so its error could not say which line is at fault.
-        with path.open(encoding="utf-8", errors="surrogateescape") as handle:
-            for number, line in enumerate(handle, 1):
-                try:
-                    line.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ModelError(
-                        ErrorCode.BAD_INPUT, f"{path}:{number} is not UTF-8 text", "save the file as UTF-8"
-                    ) from None
-                yield number, line
-    except OSError as exc:
-        raise ModelError(
-            ErrorCode.BAD_INPUT,
-            f"{path} cannot be read ({exc.strerror or exc})",
-            "check the file's permissions",
-        ) from None
 
 
 def windows(tokenizer: Any, texts: Iterable[str], max_tokens: int, batch: int = 64) -> Iterator[Window]:

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import zstandard
 
+from deepfusion.shared.textfiles import NOT_A_TEXT_OBJECT, json_text
+
 __all__ = ["MAX_SHARD_BYTES", "SUFFIX", "ShardError", "decode_shard", "encode_shard"]
 
 SUFFIX = ".jsonl.zst"
@@ -51,11 +53,8 @@ def decode_shard(body: bytes, max_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)["text"]
-        except (ValueError, KeyError, TypeError):  # not JSON, no "text" key, not an object
-            value = None
-        if not isinstance(value, str):
-            raise ShardError(f'line {number} is not a JSON object with a string "text" field')
+        value = json_text(line)
+        if value is None:
+            raise ShardError(f"line {number} {NOT_A_TEXT_OBJECT}")
         texts.append(value)
     return texts
