@@ -23,6 +23,16 @@ def store(tmp_path):
     return open_store(str(tmp_path / "store"))
 
 
+def _round_3() -> RoundSpec:
+    """Round 3 of "fed", open, with sequences 0-9 of shard-0 assigned to dev-1 (the factory's settings)."""
+    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
+    return RoundSpec(
+        federation="fed", round=3, tokenizer=FINGERPRINT, shards=[shard], top_k=8, stages=4, patches=2,
+        assignments={"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]},
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )  # fmt: skip
+
+
 def test_accepted_packet_is_stored_once_and_duplicates_are_acked(store):
     payload = encode(make_packet(seed=1, device="pi-1", federation="fed"))
     topic = knowledge_topic("fed", "pi-1")
@@ -96,13 +106,7 @@ def test_a_topic_that_is_not_a_knowledge_topic_is_an_error(store):
 def test_a_stored_packet_resent_after_its_round_closed_is_a_duplicate(store):
     """The first Ack was lost and the round closed meanwhile: the packet is stored and counts, so the
     resend hears `duplicate`; a packet never stored is still refused."""
-    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
-    spec = RoundSpec(
-        federation="fed", round=3, tokenizer=FINGERPRINT, shards=[shard], top_k=8, stages=4, patches=2,
-        assignments={"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]},
-        deadline=datetime.now(UTC) + timedelta(hours=1),
-    )  # fmt: skip
-    open_round = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: spec})
+    open_round = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: _round_3()})
     closed = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={})
     topic = knowledge_topic("fed", "dev-1")
     stored, never = (
@@ -122,13 +126,7 @@ def test_a_stored_packet_resent_after_its_round_closed_is_a_duplicate(store):
 def test_a_packet_scored_with_other_round_settings_is_refused(store, header):
     """The trainer builds one feature model of the round's J and P for all of a round's packets: one
     packet pooled with another P or J made its feature loss fail on mismatched shapes."""
-    shard = ShardRef(shard="shard-0", url="file:///x", sha256="0" * 64, sequences=10)
-    spec = RoundSpec(
-        federation="fed", round=3, tokenizer=FINGERPRINT, shards=[shard], top_k=8, stages=4, patches=2,
-        assignments={"dev-1": [ShardAssignment(shard="shard-0", start=0, stop=10)]},
-        deadline=datetime.now(UTC) + timedelta(hours=1),
-    )  # fmt: skip
-    context = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: spec})
+    context = IngestContext(cards={"dev-1": FINGERPRINT}, rounds={3: _round_3()})
     topic = knowledge_topic("fed", "dev-1")
     common = {"device": "dev-1", "federation": "fed", "shard": "shard-0", "sequences": 1}
     same = encode(make_packet(seed=1, **common))

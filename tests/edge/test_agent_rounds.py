@@ -46,6 +46,25 @@ TEXTS = ["A short note.", "word " * 150, "Another one here.", "Third small text.
 LONG = {1, 4}  # sequences of 181+ tokens: each alone is several KiB at top-16, over a 1 KiB budget
 
 
+def _whole_shard_round(round_id: int, tokenizer: str = "0" * 64, **fields: Any) -> RoundSpec:
+    """A RoundSpec giving DEVICE the whole shard (its URL is never fetched: tests stub `fetch_shard`)."""
+    ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
+    return RoundSpec(
+        federation=FED,
+        round=round_id,
+        tokenizer=tokenizer,
+        shards=[ref],
+        assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
+        **{
+            "top_k": 16,
+            "stages": 0,
+            "patches": 2,
+            "deadline": datetime.now(UTC) + timedelta(hours=1),
+            **fields,
+        },
+    )
+
+
 class Flaky:
     """A backend whose first `score` calls raise the given errors."""
 
@@ -389,19 +408,7 @@ def test_an_older_round_delivered_late_keeps_the_current_one(tmp_path: Path) -> 
     now = datetime.now(UTC)
 
     def spec(round_id: int, opened_at: datetime) -> RoundSpec:
-        ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
-        return RoundSpec(
-            federation=FED,
-            round=round_id,
-            tokenizer="0" * 64,
-            shards=[ref],
-            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
-            deadline=opened_at + timedelta(hours=1),
-            opened_at=opened_at,
-            top_k=16,
-            stages=0,
-            patches=2,
-        )
+        return _whole_shard_round(round_id, deadline=opened_at + timedelta(hours=1), opened_at=opened_at)
 
     def deliver(message: RoundSpec) -> None:
         agent._on_round(Message(round_topic(FED), encode_message(message), qos=1, retain=True))
@@ -420,20 +427,9 @@ def test_a_round_the_deadline_cuts_or_misses_is_not_reported_scored(
 ) -> None:
     agent = Agent(_config(tmp_path, tmp_path / "spool"))
     agent.fingerprint = "0" * 64
-    ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
 
     def spec(deadline: datetime) -> RoundSpec:
-        return RoundSpec(
-            federation=FED,
-            round=3,
-            tokenizer=agent.fingerprint,
-            shards=[ref],
-            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
-            deadline=deadline,
-            top_k=16,
-            stages=0,
-            patches=2,
-        )
+        return _whole_shard_round(3, agent.fingerprint, deadline=deadline)
 
     def score_past_the_deadline(spec: RoundSpec, *args: Any) -> int:
         time.sleep(max(0.0, (spec.deadline - datetime.now(UTC)).total_seconds()) + 0.05)
@@ -456,21 +452,11 @@ def test_a_round_opened_again_under_the_same_id_is_scored_again(
     """A federation that starts over counts rounds from 1 again: old cursors must not skip the new round."""
     agent = Agent(_config(tmp_path, tmp_path / "spool"))
     agent.fingerprint = "0" * 64
-    ref = ShardRef(shard=SHARD, url="file:///nowhere", sha256="0" * 64, sequences=len(TEXTS))
     now = datetime.now(UTC)
 
     def spec(opened_at: datetime) -> RoundSpec:
-        return RoundSpec(
-            federation=FED,
-            round=1,
-            tokenizer=agent.fingerprint,
-            shards=[ref],
-            assignments={DEVICE: [ShardAssignment(shard=SHARD, start=0, stop=len(TEXTS))]},
-            deadline=now + timedelta(hours=1),
-            opened_at=opened_at,
-            top_k=16,
-            stages=0,
-            patches=2,
+        return _whole_shard_round(
+            1, agent.fingerprint, deadline=now + timedelta(hours=1), opened_at=opened_at
         )
 
     begins: list[int] = []
