@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,25 @@ def _start_status(broker, store_dir: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+def _watch(broker, store_dir: Path, meanwhile: Callable[[], object]) -> str:
+    """The output of `status --watch` that ran through `meanwhile` and then ended on SIGTERM with 0.
+
+    Off a terminal, rich prints the live screen once, as it was last refreshed."""
+    watch = _start_status(broker, store_dir, "--watch")
+    try:
+        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
+        time.sleep(1.0)  # past its settle time: the first screen is drawn
+        meanwhile()
+        time.sleep(1.5)  # several refreshes
+        watch.send_signal(signal.SIGTERM)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    assert watch.returncode == 0, err[-2000:]
+    return out
+
+
 def _break(pointer: Path) -> None:
     """Make the round pointer unreadable: a symlink to itself fails with ELOOP, which the local store
     reports as a StoreError, as the S3 store reports a dropped connection."""
@@ -46,24 +66,17 @@ def _break(pointer: Path) -> None:
 def test_status_watch_shows_a_device_that_joins_after_it_started(broker, tmp_path: Path) -> None:
     early = SimDevice(broker.config(), "pi-early")
     early.publish_card()
-    watch = _start_status(broker, tmp_path / "store", "--watch")
-    late = None
+    devices = [early]
+
+    def join() -> None:
+        devices.append(SimDevice(broker.config(), "pi-late"))
+        devices[-1].publish_card()
+
     try:
-        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
-        time.sleep(1.0)  # past its settle time: the first table is drawn without pi-late
-        late = SimDevice(broker.config(), "pi-late")
-        late.publish_card()
-        time.sleep(1.5)  # several refreshes
-        watch.send_signal(signal.SIGTERM)
-        out, err = watch.communicate(timeout=30)
+        out = _watch(broker, tmp_path / "store", join)
     finally:
-        if watch.poll() is None:
-            watch.kill()
-        early.client.close()
-        if late is not None:
-            late.client.close()
-    assert watch.returncode == 0, err[-2000:]
-    # Off a terminal, rich prints the live table once, as it was last refreshed.
+        for device in devices:
+            device.client.close()
     assert "pi-early" in out and "pi-late" in out, out
 
 
@@ -119,41 +132,25 @@ def test_markup_in_a_card_or_release_is_shown_as_written(tmp_path: Path) -> None
 def test_status_watch_keeps_refreshing_after_a_store_error(broker, tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     pointer = store_dir / FED / "coordinator.json"
-    watch = _start_status(broker, store_dir, "--watch")
-    late = None
-    try:
-        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
-        time.sleep(1.0)
+    devices: list[SimDevice] = []
+
+    def fail_then_recover() -> None:
         _break(pointer)
         time.sleep(1.0)  # several refreshes fail
         pointer.unlink()
-        late = SimDevice(broker.config(), "pi-late")
-        late.publish_card()
-        time.sleep(1.5)
-        watch.send_signal(signal.SIGTERM)
-        out, err = watch.communicate(timeout=30)
+        devices.append(SimDevice(broker.config(), "pi-late"))
+        devices[-1].publish_card()
+
+    try:
+        out = _watch(broker, store_dir, fail_then_recover)
     finally:
-        if watch.poll() is None:
-            watch.kill()
-        if late is not None:
-            late.client.close()
-    assert watch.returncode == 0, err[-2000:]
+        for device in devices:
+            device.client.close()
     assert "pi-late" in out and "cannot read the store" not in out, out
 
 
 def test_status_watch_says_when_the_broker_is_away(broker, tmp_path: Path) -> None:
-    watch = _start_status(broker, tmp_path / "store", "--watch")
-    try:
-        wait_for(lambda: "as status-fed-" in broker.log_file.read_text(), 30, "status to connect")
-        time.sleep(1.0)
-        broker.stop()
-        time.sleep(1.5)
-        watch.send_signal(signal.SIGTERM)
-        out, err = watch.communicate(timeout=30)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-    assert watch.returncode == 0, err[-2000:]
+    out = _watch(broker, tmp_path / "store", broker.stop)
     assert "the MQTT broker is unreachable, reconnecting" in out, out
     assert "Devices of federation 'fed'" in out, out
 
