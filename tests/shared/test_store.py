@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -523,45 +523,45 @@ class _CuttingProxy:
                 client.sendall(chunk)
 
 
-@pytest.mark.s3
-def test_s3_get_retries_a_connection_dropped_mid_body(
-    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """botocore retries a GET only until its headers arrive; a body cut short must not fail the read."""
+@contextlib.contextmanager
+def _behind_a_cutting_proxy(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cuts: int
+) -> Iterator[tuple[Any, _CuttingProxy, bytes]]:
+    """(an S3Store reached through a `_CuttingProxy` of `cuts`, max_attempts 3; the proxy; the bytes
+    stored under "k")."""
     from deepfusion.shared.store.s3 import S3Store
 
     _use_server_credentials(monkeypatch, s3_server, tmp_path)
     prefix = f"test-{uuid.uuid4().hex}"
     data = os.urandom(300_000)
-    S3Store(s3_server.bucket, prefix, endpoint_url=s3_server.endpoint_url).put("fed/packet.dfk", data)
-    proxy = _CuttingProxy(s3_server, cuts=1)
+    S3Store(s3_server.bucket, prefix, endpoint_url=s3_server.endpoint_url).put("k", data)
+    proxy = _CuttingProxy(s3_server, cuts=cuts)
     try:
-        store = S3Store(s3_server.bucket, prefix, endpoint_url=proxy.endpoint_url, max_attempts=3)
-        assert store.get("fed/packet.dfk") == data
-        assert proxy.requests == 2
+        yield S3Store(s3_server.bucket, prefix, endpoint_url=proxy.endpoint_url, max_attempts=3), proxy, data
     finally:
         proxy.close()
+
+
+@pytest.mark.s3
+def test_s3_get_retries_a_connection_dropped_mid_body(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """botocore retries a GET only until its headers arrive; a body cut short must not fail the read."""
+    with _behind_a_cutting_proxy(s3_server, monkeypatch, tmp_path, cuts=1) as (store, proxy, data):
+        assert store.get("k") == data
+        assert proxy.requests == 2
 
 
 @pytest.mark.s3
 def test_s3_get_of_a_body_always_cut_short_is_a_store_error(
     s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from deepfusion.shared.store.s3 import S3Store
-
-    _use_server_credentials(monkeypatch, s3_server, tmp_path)
-    prefix = f"test-{uuid.uuid4().hex}"
-    S3Store(s3_server.bucket, prefix, endpoint_url=s3_server.endpoint_url).put("k", os.urandom(300_000))
-    proxy = _CuttingProxy(s3_server, cuts=1000)
-    try:
-        store = S3Store(s3_server.bucket, prefix, endpoint_url=proxy.endpoint_url, max_attempts=3)
+    with _behind_a_cutting_proxy(s3_server, monkeypatch, tmp_path, cuts=1000) as (store, proxy, _):
         with pytest.raises(StoreError) as info:
             store.get("k")
         assert f"connection to {proxy.endpoint_url} broke off while receiving it, 3 times" in str(info.value)
         assert type(info.value) is StoreError
         assert proxy.requests == 3
-    finally:
-        proxy.close()
 
 
 @pytest.mark.s3
