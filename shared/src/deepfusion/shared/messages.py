@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -310,9 +310,17 @@ def decode_message(model: type[MessageT], payload: bytes | str) -> MessageT:
         raise MessageError(f"invalid {model.__name__}: {validation_problems(exc)}") from None
 
 
-def validation_problems(error: ValidationError) -> str:
-    """Every problem pydantic found, on one line: `field.sub: message; ...`."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '(message)'}: {' '.join(str(err['msg']).split())}"
-        for err in error.errors()
-    )
+def validation_problems(error: ValidationError, first: int | None = None) -> str:
+    """The problems pydantic found (the `first` of them, and how many more), on one line:
+    `field.items[2].sub: message; ...`. Without the input values pydantic would quote: a file or message
+    may hold secrets (password hashes)."""
+    errors = error.errors(include_url=False, include_input=False)
+    shown = errors[:first]
+
+    def problem(err: Any) -> str:
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"])
+        message = " ".join(str(err["msg"]).split())
+        return f"{where.lstrip('.')}: {message}" if where else message
+
+    more = len(errors) - len(shown)
+    return "; ".join(map(problem, shown)) + (f", and {more} more problem{'s' * (more > 1)}" if more else "")

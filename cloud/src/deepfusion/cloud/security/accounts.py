@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deepfusion.cloud.security.errors import SecurityError
 from deepfusion.cloud.security.files import write_atomic
+from deepfusion.shared.messages import validation_problems
 from deepfusion.shared.topics import InvalidTopic, validate_id
 
 __all__ = [
@@ -145,22 +146,8 @@ def load_registry(path: Path) -> Registry:
     try:
         return Registry.model_validate_json(data)
     except ValidationError as exc:
-        raise SecurityError(f"{path} is not a valid account registry: {_describe(exc)}; {_RECOVER}") from None
-
-
-def _describe(error: ValidationError) -> str:
-    """The first problem in one line, e.g. `accounts[4].role: Input should be ...`, and how many more.
-
-    Without pydantic's input excerpts: they would print parts of the password hashes, and span lines."""
-    problems = error.errors(include_url=False, include_input=False, include_context=False)
-    if not problems:
-        return "no details"
-    first = problems[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
-    message = " ".join(str(first["msg"]).split())  # one line, whatever pydantic's message holds
-    text = f"{where.lstrip('.')}: {message}" if where else message
-    more = len(problems) - 1
-    return text + (f", and {more} more problem{'s' if more > 1 else ''}" if more else "")
+        problem = validation_problems(exc, first=1)
+        raise SecurityError(f"{path} is not a valid account registry: {problem}; {_RECOVER}") from None
 
 
 def save_registry(registry: Registry, path: Path) -> None:
