@@ -33,6 +33,7 @@ from typing import Any, Literal
 import numpy as np
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
+from deepfusion.edge.modelinfo import read_hf_config
 from deepfusion.edge.scoring import read_texts
 
 __all__ = ["FinetuneResult", "FinetuneSettings", "evaluate_loss", "finetune", "merge_adapter"]
@@ -268,6 +269,7 @@ def finetune(settings: FinetuneSettings, *, progress: bool = True) -> FinetuneRe
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
 
+    read_hf_config(settings.model)  # a folder that is no checkpoint fails here, with its reason
     tokenizer = transformers.AutoTokenizer.from_pretrained(settings.model)
     blocks = _blocks(tokenizer, settings.data, settings.max_tokens)
     order = np.random.default_rng(settings.seed).permutation(len(blocks))

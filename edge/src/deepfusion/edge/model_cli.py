@@ -77,16 +77,6 @@ def _require_text(path: Path) -> Iterator[str]:
     return chain([first], texts)
 
 
-def _require_checkpoint(model: Path) -> None:
-    # transformers takes a path without config.json for a Hub model id and fails offline with a traceback.
-    if not (model / "config.json").is_file():
-        raise ModelError(
-            ErrorCode.BAD_INPUT,
-            f"{model} is not a transformers checkpoint directory (no config.json)",
-            "pass the base checkpoint folder (see `deepfusion-cloud models list`)",
-        )
-
-
 class ExportFormat(StrEnum):
     onnx = "onnx"
     gguf = "gguf"
@@ -137,7 +127,6 @@ def finetune(
         raise ModelError(
             ErrorCode.BAD_INPUT, "bad --device or --bf16", "--device auto|cpu|cuda, --bf16 auto|on|off"
         )
-    _require_checkpoint(model)
     _require_text(data)
     result = run(
         FinetuneSettings(

@@ -57,8 +57,17 @@ class ModelInfo:
 
 
 def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    """The `config.json` of a checkpoint directory, which must hold one JSON object."""
+    """The `config.json` of a checkpoint directory, which must hold one JSON object.
+
+    Checked before transformers sees the path: without a config.json it takes it for a Hub model id and
+    fails offline with a traceback."""
     path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelError(
+            ErrorCode.BAD_INPUT,
+            f"{model_dir} is not a transformers checkpoint directory (no config.json)",
+            "pass the checkpoint folder (the base models: `deepfusion-cloud models list`)",
+        )
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
@@ -102,10 +111,6 @@ def checkpoint_config(model_dir: Path, families: tuple[str, ...], target: str, h
     `families` (the ones `target` was checked on; `hint` says what to use instead), or it has no
     tokenizer.
     """
-    if not (model_dir / "config.json").is_file():
-        raise ModelError(
-            ErrorCode.BAD_INPUT, f"{model_dir} has no config.json", "pass a transformers checkpoint directory"
-        )
     config = read_hf_config(model_dir)
     model_type = config.get("model_type")
     if model_type not in families:

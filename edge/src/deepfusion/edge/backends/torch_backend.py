@@ -52,10 +52,6 @@ class TorchBackend(Backend):
 
         if threads:
             self.torch.set_num_threads(threads)
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                ErrorCode.BAD_INPUT, f"{path} has no config.json", "pass a transformers checkpoint directory"
-            )
         self.shape = shape_from_hf_config(read_hf_config(path))
         if self.shape.architecture not in SUPPORTED:
             raise ModelError(
