@@ -498,3 +498,53 @@ def test_a_damaged_state_file_stops_the_coordinator_with_one_line_and_is_kept(
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"{FED}/{name} is damaged" in lines[0] and "restore it from a backup" in lines[0]
     assert store.get(f"{FED}/{name}") == damage
+
+
+def test_a_second_coordinator_cannot_reopen_a_round_the_first_one_closed(broker, mqtt_client, tmp_path):
+    """Two coordinators started by mistake both watch round 0. The first closes it at the deadline
+    between the second's read of the state and its write of the new coverage: the second must not
+    write its "open" state over the "closed" one, which would reopen a round the trainer has taken."""
+    opened_at = datetime(2030, 1, 1, tzinfo=UTC)
+    first: list[Coordinator] = []
+
+    class RacingStore(LocalStore):
+        def get_with_etag(self, key: str) -> tuple[bytes, str]:
+            found = super().get_with_etag(key)
+            if key.endswith("/state.json") and first:
+                assert first.pop().step() == "round 0: closed (deadline)"  # meanwhile
+            return found
+
+    store = RacingStore(tmp_path / "store")
+    publish_texts(store, FED, (f"text {i}" for i in range(20)), name="pub", per_shard=20)
+    overrides = [
+        *base_overrides(broker, str(tmp_path / "store")),
+        "coordinator.redundancy=1",
+        "coordinator.min_devices=2",
+        "coordinator.quorum=0.05",
+        "coordinator.round_s=60",
+    ]
+    config = config_from(overrides)
+    devices = [SimDevice(broker.config(), name, domain=i) for i, name in enumerate(("a-0", "b-0"))]
+    second = Coordinator(config, store, clock=lambda: opened_at)
+    client = second.connect()
+    try:
+        for device in devices:
+            device.publish_card()
+        second.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
+        assert second.step() == "round 0: opened"
+        spec = read_state(store, FED, 0).spec  # type: ignore[union-attr]
+        payload = _packets("a-0", spec)[0]
+        assert store_packet(store, FED, knowledge_topic(FED, "a-0"), payload, max_bytes=1 << 20).accepted
+        past_the_deadline = opened_at + timedelta(seconds=61)
+        other = Coordinator(config, LocalStore(tmp_path / "store"), clock=lambda: past_the_deadline)
+        other.view, other.client = second.view, mqtt_client(broker.config(), "coordinator-other")
+        first.append(other)
+        assert second.step() == "round 0: state changed by another coordinator; reading it again"
+        state = read_state(store, FED, 0)
+        assert state is not None and (state.status, state.close_reason) == ("closed", "deadline")
+        assert second.step() == "round 0: closed, waiting for its release"  # it goes on from the closed round
+        assert read_state(store, FED, 0) == state
+    finally:
+        for device in devices:
+            device.close()
+        client.close()

@@ -130,6 +130,38 @@ def test_put_new_writes_once_even_when_writers_race(store: ObjectStore) -> None:
     assert sorted(store.list("r/")) == ["r/packet.dfk", "r/raced.dfk"]
 
 
+def test_put_if_match_replaces_only_the_version_it_read(store: ObjectStore) -> None:
+    store.put("r/state.json", b"open")
+    data, first = store.get_with_etag("r/state.json")
+    assert data == b"open"
+    second = store.put_if_match("r/state.json", b"closed", first)
+    assert second is not None and second != first
+    assert store.get_with_etag("r/state.json") == (b"closed", second)
+    assert store.put_if_match("r/state.json", b"open again", first) is None  # a stale read
+    assert store.get("r/state.json") == b"closed"
+    store.delete("r/state.json")
+    assert store.put_if_match("r/state.json", b"resurrected", second) is None
+    assert not store.exists("r/state.json")
+    assert store.put_if_match("elsewhere/state.json", b"x", second) is None  # nor a folder
+
+
+def test_put_if_match_lets_one_of_racing_writers_through(store: ObjectStore) -> None:
+    store.put("r/state.json", b"v0")
+    etag = store.get_with_etag("r/state.json")[1]
+    barrier = threading.Barrier(8)
+
+    def write(i: int) -> str | None:
+        barrier.wait()
+        return store.put_if_match("r/state.json", f"writer {i}".encode(), etag)
+
+    with ThreadPoolExecutor(8) as pool:
+        written = list(pool.map(write, range(8)))
+    winners = [i for i, tag in enumerate(written) if tag is not None]
+    assert len(winners) == 1
+    assert store.get_with_etag("r/state.json") == (f"writer {winners[0]}".encode(), written[winners[0]])
+    assert list(store.list("r/")) == ["r/state.json"]  # no temp file left behind
+
+
 def test_exists_and_idempotent_delete(store: ObjectStore) -> None:
     assert not store.exists("r1/state.json")
     store.put("r1/state.json", b"{}")

@@ -82,13 +82,18 @@ def read_pointer(store: ObjectStore, federation: str) -> int | None:
 
 
 def read_state(store: ObjectStore, federation: str, round_id: int) -> RoundState | None:
+    found = _read_state_and_etag(store, federation, round_id)
+    return None if found is None else found[0]
+
+
+def _read_state_and_etag(store: ObjectStore, federation: str, round_id: int) -> tuple[RoundState, str] | None:
     key = state_key(federation, round_id)
     try:
-        data = store.get(key)
+        data, etag = store.get_with_etag(key)
     except ObjectNotFound:
         return None
     try:
-        return RoundState.model_validate_json(data)
+        return RoundState.model_validate_json(data), etag
     except ValidationError as exc:
         anew = f"the coordinator plans round {round_id} anew"
         raise _damaged(key, validation_problems(exc), anew) from None
@@ -158,17 +163,18 @@ class Coordinator:
         # in the first round): catch up.
         while self.store.exists(state_key(self.federation, round_id + 1)):
             round_id += 1
-        state = read_state(self.store, self.federation, round_id)
-        if state is not None and round_id != pointer:
-            self._write_pointer(round_id)
-        if state is None:
+        found = _read_state_and_etag(self.store, self.federation, round_id)
+        if found is None:
             if self._rounds_done(round_id):
                 self.done.set()
                 return "done"
             return self._open(round_id)
+        if round_id != pointer:
+            self._write_pointer(round_id)
+        state, etag = found
         if state.status == "open":
-            return self._watch(state)
-        return self._after_close(state)
+            return self._watch(state, etag)
+        return self._after_close(state, etag)
 
     def _rounds_done(self, round_id: int) -> bool:
         limit = self.settings.max_rounds
@@ -262,7 +268,7 @@ class Coordinator:
             self._index = (round_id, PacketIndex.load(self.store, self.federation, round_id))
         return self._index[1]
 
-    def _watch(self, state: RoundState) -> str:
+    def _watch(self, state: RoundState, etag: str) -> str:
         current = self.view.round
         if current is None or current.round != state.round or current.opened_at != state.spec.opened_at:
             self._publish(round_topic(self.federation), encode_message(self._resigned(state.spec)))
@@ -281,8 +287,9 @@ class Coordinator:
         if reason is None:
             # Compared with the state, not "any new packets?": a coordinator killed between saving the
             # index and the state finds no new packet after a restart, and its state would stay stale.
-            if coverage.packets != (state.coverage.packets if state.coverage else 0):
-                self._write_state(state.model_copy(update={"coverage": coverage}))
+            stale = coverage.packets != (state.coverage.packets if state.coverage else 0)
+            if stale and self._write_state(state.model_copy(update={"coverage": coverage}), etag) is None:
+                return _changed_meanwhile(state.round)
             return f"round {state.round}: {coverage.delivered}/{coverage.assigned} delivered"
         closed = state.model_copy(
             update={
@@ -292,7 +299,9 @@ class Coordinator:
                 "coverage": coverage,
             }
         )
-        self._write_state(closed)
+        closed_etag = self._write_state(closed, etag)
+        if closed_etag is None:
+            return _changed_meanwhile(state.round)
         log.info(
             "round %d closed (%s): %d/%d delivered, %d packets, %.0f%% of cluster slots",
             state.round,
@@ -302,7 +311,7 @@ class Coordinator:
             coverage.packets,
             100 * coverage.slot_fraction,
         )
-        self._after_close(closed)
+        self._after_close(closed, closed_etag)
         return f"round {state.round}: closed ({reason})"
 
     def _urls_half_expired(self) -> bool:
@@ -326,7 +335,7 @@ class Coordinator:
 
     # -- a closed round ------------------------------------------------------------------------------------
 
-    def _after_close(self, state: RoundState) -> str:
+    def _after_close(self, state: RoundState, etag: str) -> str:
         current = self.view.round
         if current is not None and current.round == state.round:
             self._publish(round_topic(self.federation), b"")  # no round is open until the next one
@@ -335,7 +344,8 @@ class Coordinator:
                 note = self._find_release(state.round)
                 if note is None:
                     return f"round {state.round}: closed, waiting for its release"
-                self._write_state(state.model_copy(update={"release": note.version}))
+                if self._write_state(state.model_copy(update={"release": note.version}), etag) is None:
+                    return _changed_meanwhile(state.round)
                 self._publish_release(note)
             elif (published := self.view.release) is None or published.version != state.release:
                 note = self._find_release(state.round, state.release)
@@ -369,8 +379,20 @@ class Coordinator:
 
     # -- writing -------------------------------------------------------------------------------------------
 
-    def _write_state(self, state: RoundState) -> None:
-        self.store.put(state_key(self.federation, state.round), _state_json(state))
+    def _write_state(self, state: RoundState, etag: str) -> str | None:
+        """Replace the round's state only if it is still the version this step read; its new tag.
+
+        A second coordinator started by mistake reads and writes the same state: without the condition,
+        one that read "open" could write its coverage over the other's "closed" and reopen the round.
+        """
+        written = self.store.put_if_match(state_key(self.federation, state.round), _state_json(state), etag)
+        if written is None:
+            log.error(
+                "round %d's state changed since this coordinator read it: is a second one running for %s?",
+                state.round,
+                self.federation,
+            )
+        return written
 
     def _write_pointer(self, round_id: int) -> None:
         body = {"federation": self.federation, "round": round_id, "updated_at": self.clock().isoformat()}
@@ -380,6 +402,10 @@ class Coordinator:
         if self.client is None:
             raise RuntimeError("the coordinator is not connected; call connect() or run()")
         self.client.publish_and_wait(topic, payload, retain=True)
+
+
+def _changed_meanwhile(round_id: int) -> str:
+    return f"round {round_id}: state changed by another coordinator; reading it again"
 
 
 def _state_json(state: RoundState) -> bytes:

@@ -5,7 +5,7 @@
     for key in store.list("fed/rounds/r1/"):
         ...
 
-Both backends have the same six methods and the same key rules, so the simulator on one machine and a
+Both backends have the same methods and the same key rules, so the simulator on one machine and a
 federation on S3 run the same code. Keys are relative POSIX paths checked here, once, so that a key
 accepted by one backend is accepted by the other and a local store can never be steered outside its root.
 """
@@ -61,6 +61,18 @@ class ObjectStore(Protocol):
         ...
 
     def get(self, key: str) -> bytes: ...
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The object and an opaque tag of this version of it, for a later `put_if_match`."""
+        ...
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object only while it is still the version `etag` names (atomically).
+
+        Returns the new version's tag, or None when another writer replaced or deleted it first: read
+        it again and decide anew. A read-modify-write by two processes at once then loses no update.
+        """
+        ...
 
     def exists(self, key: str) -> bool: ...
 

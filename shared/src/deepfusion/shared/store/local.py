@@ -7,6 +7,8 @@ replacing the old file in one step, which FAT-family filesystems do not promise.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -52,6 +54,33 @@ class LocalStore:
         if path.is_file():
             return False
         return self._place(key, path, data, os.link)
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object while its content still hashes to `etag`; its new tag, or None.
+
+        Conditional writers of one folder take turns on a lock of that folder (flock, which the
+        kernel releases when a writer dies), so the check and the rename are one step for them. A
+        plain `put` does not take it: only writers that all use `put_if_match` are kept apart.
+        """
+        path = self._path(key)
+        try:
+            folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # no folder, no object: deleted meanwhile
+        except OSError as exc:
+            raise StoreError(f"cannot write object {key!r} to {path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                current = self.get_with_etag(key)[1]
+            except ObjectNotFound:
+                return None
+            if current != etag:
+                return None
+            self._place(key, path, data, os.replace)
+            return _etag(data)
+        finally:
+            os.close(folder)  # and with it the lock
 
     def _place(self, key: str, path: Path, data: bytes, install: Callable[[Path, Path], None]) -> bool:
         """Write `data` to a temp file beside `path`, fsync it, then `install(temp, path)`.
@@ -111,6 +140,11 @@ class LocalStore:
         except OSError as exc:
             raise StoreError(f"cannot read object {key!r} from {path}: {exc.strerror or exc}") from exc
 
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
+        """The object and the sha256 of its content as its tag."""
+        data = self.get(key)
+        return data, _etag(data)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
@@ -163,6 +197,12 @@ class LocalStore:
     def url(self, key: str, expires_s: int | None = None) -> str:
         """A `file://` URI; `expires_s` is accepted for symmetry with S3 and has no effect here."""
         return self._path(key).as_uri()
+
+
+def _etag(data: bytes) -> str:
+    # The content itself, not a file's mtime or inode: two writes within one clock tick still differ,
+    # and a version written back unchanged is rightly the same version.
+    return hashlib.sha256(data).hexdigest()
 
 
 def _may_match(directory: str, prefix: str) -> bool:

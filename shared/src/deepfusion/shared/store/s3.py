@@ -160,6 +160,9 @@ class S3Store:
         return True
 
     def get(self, key: str) -> bytes:
+        return self.get_with_etag(key)[0]
+
+    def get_with_etag(self, key: str) -> tuple[bytes, str]:
         """One GET, repeated whole when the connection breaks while the body streams in.
 
         Whole again rather than resumed with a Range: that can never splice two versions of an object
@@ -171,7 +174,7 @@ class S3Store:
             while True:
                 response = self._client.get_object(Bucket=self.bucket, Key=name)
                 try:
-                    return response["Body"].read()
+                    return response["Body"].read(), response["ETag"]
                 except _BODY_BROKEN as exc:
                     if attempt >= self.max_attempts:
                         raise StoreError(
@@ -179,6 +182,24 @@ class S3Store:
                             f"off while receiving it, {attempt} times ({exc})"
                         ) from exc
                 attempt += 1
+
+    def put_if_match(self, key: str, data: bytes, etag: str) -> str | None:
+        """A conditional PUT (If-Match), which S3 refuses atomically once the object has changed.
+
+        A retried PUT whose first attempt did land is refused too (the object changed: by this very
+        write), so None means "read it again", never "nothing was written".
+        """
+        name = self._name(key)
+        with self._errors("write", key):
+            try:
+                response = self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfMatch=etag)
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                code = exc.response.get("Error", {}).get("Code")
+                if code in ("PreconditionFailed", *_NOT_FOUND) or status in (404, 412):
+                    return None
+                raise
+        return str(response["ETag"])
 
     def exists(self, key: str) -> bool:
         """A missing bucket also reads as False: a HEAD answer has no body to tell the two 404s apart."""
