@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,13 @@ pytest.importorskip("torch")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deepfusion.cloud.coordinator import read_state
 from deepfusion.cloud.rounds import RoundState
 from deepfusion.cloud.sim.results import RunResults
+from deepfusion.shared.broker import EmbeddedBroker
+from deepfusion.shared.store import open_store
 from tests.e2e.simulate import simulate, tail
+from tests.fixtures.s3server import S3Server
 
 DROPPED = "fin-01"
 HOSTILE = "med-01"
@@ -117,6 +122,42 @@ def test_quick_release_loads_with_plain_transformers(
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
     metrics = json.loads((release / "metrics.json").read_text())
     assert set(metrics["heldout"]) == {"medical", "finance"}
+
+
+@pytest.mark.slow
+@pytest.mark.mqtt
+@pytest.mark.s3
+def test_two_rounds_run_on_a_given_broker_and_s3_bucket(
+    broker: EmbeddedBroker, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--broker mqtt://...` and `--store s3://...`: the run starts neither a broker nor a local store,
+    and every service (ingest, coordinator, trainer, the devices' shard downloads) works on them, for
+    two rounds: the second opens after the first's release, and its students start from the first's."""
+    uri = f"s3://{s3_server.bucket}/sim-{uuid.uuid4().hex[:8]}"
+    for name, value in {**s3_server.env(), "AWS_ENDPOINT_URL": s3_server.endpoint_url}.items():
+        monkeypatch.setenv(name, value)  # for the run and for this test's own reads
+    result = simulate(
+        *("--quick", "--no-baselines", "--devices", "4", "--set", "rounds=2", "--out", str(tmp_path)),
+        *("--broker", f"mqtt://{broker.host}:{broker.port}", "--store", uri),
+        timeout=900,
+    )
+    assert result.returncode == 0, tail(result)
+    out = tmp_path / "quick"
+    assert not (out / "store").exists() and not (out / "work" / "mosquitto").exists()
+    store = open_store(uri)
+    for round_id in (0, 1):
+        state = read_state(store, "quick", round_id)
+        assert state is not None and state.status == "closed" and state.release == f"r{round_id}"
+        stored = [key for key in store.list(f"quick/rounds/{round_id}/knowledge/") if key.endswith(".dfk")]
+        assert {key.split("/")[-2] for key in stored} == set(state.spec.assignments), round_id
+        assert len(state.spec.assignments) == 4
+        assert store.exists(f"quick/releases/r{round_id}/model/config.json")
+        assert store.list(f"quick/rounds/{round_id}/students/")
+    assert (out / "release" / "config.json").is_file()  # the last release, fetched from the bucket
+    warm = "round 1: students start from {0: 'previous', 1: 'previous'}"
+    assert warm in (out / "logs" / "trainer-r1.log").read_text()
+    results = RunResults.model_validate_json((out / "metrics.json").read_text())
+    assert {r.round for r in results.rounds if r.method == "packets"} == {0, 1}
 
 
 def test_simulate_refuses_an_unknown_device_to_drop(tmp_path: Path) -> None:
