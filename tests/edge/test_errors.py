@@ -44,6 +44,27 @@ def test_unsupported_architecture(fmt: str, moe_model: Path, tmp_path: Path) -> 
     assert "how to fix" in result.output
 
 
+def test_gguf_refuses_a_qwen2_with_sliding_window_attention(
+    tmp_path: Path, federation_tokenizer_dir: Path
+) -> None:
+    """llama.cpp's Qwen2 attends over the whole context; a checkpoint with use_sliding_window limits
+    its upper layers to the window in torch (and ONNX), so the GGUF would score differently."""
+    from transformers import Qwen2Config
+
+    target = tmp_path / "qwen2-swa"
+    config = Qwen2Config(
+        vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, use_sliding_window=True, sliding_window=32,
+        max_window_layers=1,
+    )  # fmt: skip
+    config.save_pretrained(target)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(federation_tokenizer_dir / name, target / name)
+    result = runner.invoke(app, ["export", str(target), "--format", "gguf", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "unsupported_architecture" in result.output and "sliding window" in result.output
+
+
 def test_unknown_architecture_in_torch_backend(tmp_path: Path, federation_tokenizer_dir: Path) -> None:
     target = tmp_path / "bert"
     target.mkdir()

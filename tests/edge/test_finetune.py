@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,24 @@ def test_a_large_validation_fraction_leaves_a_block_to_train_on(tiny_llama: Path
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r" / "result.json").read_text())
     assert np.isfinite(report["train_loss_first"]) and np.isfinite(report["val_loss_after"])
+
+
+def test_merge_keeps_a_generation_config_that_transformers_refuses_to_save(
+    tiny_llama: Path, finance_text: Path, tmp_path: Path
+) -> None:
+    """Released checkpoints often set temperature / top_p without do_sample in generation_config.json;
+    transformers loads such a file but will not save it. `--merge` still writes merged/, with the base's
+    file as it was."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    sampling = {"bos_token_id": 0, "eos_token_id": 0, "temperature": 0.6, "top_p": 0.9}
+    (base / "generation_config.json").write_text(json.dumps(sampling))
+    args = ["finetune", str(base), "-d", str(finance_text), "-o", str(tmp_path / "run"), "--steps", "1"]
+    result = runner.invoke(app, [*args, "--max-tokens", "32", "--merge", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    merged = tmp_path / "run" / "merged"
+    assert json.loads((merged / "generation_config.json").read_text()) == sampling
+    AutoModelForCausalLM.from_pretrained(merged)
+    assert (merged / "tokenizer.json").is_file()

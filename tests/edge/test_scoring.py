@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,22 @@ def test_info(
     assert data["quantization"] in ("float32", "int8", "q4_k_m")
     table = runner.invoke(app, ["info", str(model)])
     assert table.exit_code == 0 and "fingerprint" in table.output
+
+
+def test_info_counts_a_sharded_checkpoints_parameters_once(tiny_llama: Path, tmp_path: Path) -> None:
+    """A sharded checkpoint (model-0000x-of-0000y.safetensors + index), with the same weights again in
+    `consolidated.safetensors` as Mistral's releases ship them: `info` counts the model's parameters
+    once."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    target = tmp_path / "sharded"
+    model.save_pretrained(target, max_shard_size="2MB")
+    assert len(list(target.glob("model-*-of-*.safetensors"))) > 1
+    shutil.copy2(tiny_llama / "model.safetensors", target / "consolidated.safetensors")
+    result = runner.invoke(app, ["info", str(target), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["parameters"] == model.num_parameters()
 
 
 def test_score_stops_with_a_clear_error_when_the_last_window_is_too_large(

@@ -250,7 +250,13 @@ def merge_adapter(base: Path, adapter: Path, output: Path) -> Path:
     peft = _require_peft()
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = peft.PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    # Many released checkpoints' generation_config.json set sampling flags (temperature, top_p) without
+    # do_sample: transformers loads that with a warning but refuses to save it, which failed the merge
+    # after the whole run. The merged folder gets a valid default, then the base's own file, verbatim.
+    merged.generation_config = transformers.GenerationConfig.from_model_config(merged.config)
     merged.save_pretrained(output)
+    if (base / "generation_config.json").is_file():
+        shutil.copy2(base / "generation_config.json", output / "generation_config.json")
     transformers.AutoTokenizer.from_pretrained(base).save_pretrained(output)
     return output
 

@@ -269,8 +269,24 @@ def model_info(model_path: str | Path) -> ModelInfo:
 
 
 def _count_parameters(directory: Path) -> int | None:
-    """Parameter count from the safetensors headers (no weights are read)."""
-    files = sorted(directory.glob("*.safetensors"))
+    """Parameter count from the safetensors headers (no weights are read).
+
+    A sharded checkpoint counts the shards its `model.safetensors.index.json` names: a folder may hold
+    the same weights again in another layout (Mistral's releases ship `consolidated.safetensors` beside
+    the shards), which counting every file would add twice."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = json.loads(index.read_text())["weight_map"].values()
+            files = sorted({directory / str(name) for name in shards})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelError(
+                ErrorCode.CORRUPT_MODEL,
+                f"{index} is unreadable ({type(exc).__name__}: {exc})",
+                "copy the checkpoint again, or save it anew with save_pretrained",
+            ) from None
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     from safetensors import SafetensorError, safe_open

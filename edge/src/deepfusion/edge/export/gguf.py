@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from deepfusion.edge.errors import ErrorCode, ModelError, require
 from deepfusion.edge.modelinfo import check_output_dir, checkpoint_config, read_gguf, tokenizer_path
@@ -107,6 +107,28 @@ def _check_source(model_dir: Path) -> None:
             "llama.cpp's GPT-2 converter needs n_ctx in config.json",
             "add n_ctx (equal to n_positions) to config.json",
         )
+    if _slides(config):
+        raise ModelError(
+            ErrorCode.UNSUPPORTED_ARCHITECTURE,
+            f"this Qwen2 model attends through a sliding window of {config['sliding_window']} tokens in "
+            "some layers (use_sliding_window), which llama.cpp's Qwen2 ignores: its scores would differ "
+            "from torch's",
+            "use the ONNX export or the torch backend for this model",
+        )
+
+
+def _slides(config: dict[str, Any]) -> bool:
+    """Whether a Qwen2 config has layers whose attention transformers limits to a sliding window
+    (`use_sliding_window`, from layer `max_window_layers` on), shorter than the model's context."""
+    if config["model_type"] != "qwen2" or not config.get("use_sliding_window"):
+        return False
+    window, context = config.get("sliding_window"), config.get("max_position_embeddings")
+    if not window or (context and window >= context):
+        return False
+    types = config.get("layer_types")
+    if types:
+        return "sliding_attention" in types
+    return int(config.get("max_window_layers", 28)) < int(config.get("num_hidden_layers", 0))
 
 
 def _convert(model_dir: Path, outfile: Path, outtype: str, vendor: Path) -> None:
