@@ -90,6 +90,26 @@ def test_qwen2_moe_refuses_a_head_width_it_cannot_hold_and_deepseek_takes_it() -
         torch.testing.assert_close(moe(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_sliding_window_attention_is_kept_or_refused() -> None:
+    """Qwen2-MoE (eager and SDPA) slides every layer's window or none: a student sliding in all its
+    layers merges exactly, one sliding in some layers only (max_window_layers) is refused; the merge
+    used to drop the window silently and give full attention."""
+    sliding = ["sliding_attention"] * 2
+    config = get_preset("student-tiny").config(VOCAB, num_hidden_layers=2, layer_types=sliding)
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 4, 0
+    torch.manual_seed(0)
+    student = Qwen2ForCausalLM(config).eval()
+    spec = MergeSpec(split=2, top_k=2, shared_expert=False, router_init_std=0.0)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merge_students_into_moe([student], spec)(ids).logits, student(ids).logits, atol=1e-5, rtol=1e-5
+        )
+    student.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="sliding"):
+        merge_students_into_moe([student], spec)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_release_loads_with_plain_transformers_and_generates(tmp_path: Path, shared: bool) -> None:
     moe = merge_students_into_moe([_student(0), _student(1)], MergeSpec(split=2, shared_expert=shared))
@@ -101,6 +121,20 @@ def test_release_loads_with_plain_transformers_and_generates(tmp_path: Path, sha
         torch.testing.assert_close(loaded(ids).logits, moe(ids).logits)
     out = loaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 12)
+
+
+def test_release_decodes_with_the_students_generation_settings(tmp_path: Path) -> None:
+    """An instruct base ends a turn at several ids and samples by default (its generation_config.json):
+    the release must too, not fall back to a fresh config's single eos id and greedy decoding."""
+    students = [_student(0), _student(1)]
+    for student in students:
+        student.generation_config = transformers.GenerationConfig(
+            eos_token_id=[3, 5], do_sample=True, temperature=0.7, top_p=0.8, repetition_penalty=1.1
+        )
+    merge_students_into_moe(students, MergeSpec(split=2)).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).generation_config
+    assert loaded.eos_token_id == [3, 5] and loaded.do_sample
+    assert (loaded.temperature, loaded.top_p, loaded.repetition_penalty) == (0.7, 0.8, 1.1)
 
 
 # DeepSeek-V3 target --------------------------------------------------------------------------------

@@ -248,6 +248,24 @@ def test_a_cluster_without_packets_keeps_its_starting_expert_and_the_round_is_re
         assert torch.equal(value, base.state_dict()[name]), name
 
 
+def test_a_base_the_merge_would_refuse_is_refused_before_phase_two(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """Sliding windows in some layers only (max_window_layers) cannot be merged into Qwen2-MoE: the
+    round fails before any student is trained, not after phase II."""
+    root = tmp_path / "store"
+    shutil.copytree(round_store, root)
+    shutil.rmtree(root / FED / "rounds" / str(ROUND) / "students", ignore_errors=True)  # earlier tests'
+    store = open_store(str(root))
+    base = tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir)))
+    base.config.use_sliding_window, base.config.sliding_window = True, 8
+    base.config.layer_types = ["full_attention", "sliding_attention"]
+    spec = TrainSpec(student=StudentSpec(steps=2, batch_size=4), tune_steps=1)
+    with pytest.raises(ValueError, match="sliding"):
+        train_round(store, FED, ROUND, base, AutoTokenizer.from_pretrained(tokenizer_dir), spec)
+    assert not list(store.list(f"{FED}/rounds/{ROUND}/students/"))
+
+
 def test_train_command_writes_the_release_and_streams_metrics(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path, broker, mqtt_client
 ) -> None:
@@ -419,6 +437,28 @@ def test_train_command_applies_the_bias_update_to_a_deepseek_release(
     assert type(moe).__name__ == "DeepseekV3ForCausalLM"
     biases = [m.e_score_correction_bias for m in moe.modules() if hasattr(m, "e_score_correction_bias")]
     assert biases and all(b.abs().max() > 0 for b in biases)  # 0 right after the merge
+
+
+def test_train_command_takes_a_bf16_sharded_base_whose_generation_config_transformers_will_not_save(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """A real base (bf16, sharded, tied) may ship sampling flags without do_sample, as many hub
+    checkpoints do: transformers loads them (generate ignores them) but refuses to save them, which
+    failed the run when the first student was put in the store, after phase II."""
+    store_dir = tmp_path / "store"
+    shutil.copytree(round_store, store_dir)
+    base = tmp_path / "base"
+    tiny_student(len(AutoTokenizer.from_pretrained(tokenizer_dir))).to(torch.bfloat16).save_pretrained(
+        base, max_shard_size="100KB"
+    )
+    assert (base / "model.safetensors.index.json").exists()
+    (base / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_p": 0.8}))
+    result = CliRunner().invoke(app, _cli_args(str(store_dir), base, tokenizer_dir, "cli-gen"))
+    assert result.exit_code == 0, result.output
+    student = AutoModelForCausalLM.from_pretrained(store_dir / FED / "rounds" / str(ROUND) / "students" / "0")
+    assert not student.generation_config.do_sample  # greedy, as the base decodes
+    release = AutoModelForCausalLM.from_pretrained(store_dir / FED / "releases" / "cli-gen" / "model")
+    assert release.config.tie_word_embeddings and not release.generation_config.do_sample
 
 
 def test_train_command_refuses_an_unreadable_checkpoint_unless_told_to_start_over(

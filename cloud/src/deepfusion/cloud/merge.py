@@ -41,7 +41,9 @@ The residual deviation comes from |x̂|² = H·m/(m + ε) (m the mean square of 
 error of about ½·(s²H/β²)·ε/m in q and v, below float32 rounding for the default β = 100·s·√H. The price is
 a wider attention than a native DeepSeek-V3 of that size (latent H + 1, rotary key n_kv·d) and unusual
 weight scales (q_b/kv_b weights ×r ≈ 100), which phase III tunes as they are. Students with rope scaling
-or sliding-window attention are refused for this target. DeepSeek-V3 in transformers 4.57 has no
+or sliding-window attention are refused for this target. The Qwen2-MoE target keeps a sliding window that
+every layer of the students slides, and refuses one that only some layers slide (`max_window_layers` > 0):
+its eager and SDPA attention slide all layers or none. DeepSeek-V3 in transformers 4.57 has no
 load-balancing aux loss (`output_router_logits` is ignored; balancing is `e_score_correction_bias`, 0
 after the merge), so phase III on it trains with the next-token loss, plus DeepSeek-V3's aux-loss-free
 bias update when `TrainSpec.bias_update` > 0 (balance.py).
@@ -55,7 +57,10 @@ The result is a stock transformers model: `save_pretrained` writes a checkpoint 
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +70,7 @@ import torch
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    GenerationConfig,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2MoeConfig,
@@ -74,11 +80,15 @@ from transformers import (
 __all__ = [
     "Architecture",
     "MergeSpec",
+    "check_mergeable",
     "deepseek_v3_config",
     "merge_students_into_moe",
     "moe_config",
     "routed_scale",
+    "savable_generation_config",
 ]
+
+log = logging.getLogger(__name__)
 
 _FFN = ("gate_proj", "up_proj", "down_proj")
 _LATENT_BIAS_RATIO = 100.0
@@ -110,6 +120,33 @@ class MergeSpec:
     """Target: `Qwen2MoeForCausalLM` or `DeepseekV3ForCausalLM` (MLA attention, sigmoid router)."""
 
 
+def savable_generation_config(config: GenerationConfig) -> GenerationConfig:
+    """A copy of `config` that `save_pretrained` accepts.
+
+    Many hub checkpoints set sampling flags (temperature, top_p, ...) without `do_sample`: transformers
+    loads them, and `generate` ignores them (it decodes greedily), but it refuses to save them. Those
+    flags are reset to their defaults, so the copy decodes as the original did; the rest (end-of-text
+    ids, lengths, penalties) is kept.
+    """
+    out = copy.deepcopy(config)
+    try:
+        out.validate(strict=True)
+        return out
+    except ValueError as exc:
+        flags = re.findall(r"^- `(\w+)`:", str(exc), flags=re.MULTILINE)
+    default = GenerationConfig()
+    for flag in flags:
+        setattr(out, flag, getattr(default, flag, None))
+    try:
+        out.validate(strict=True)
+    except ValueError:  # not the flags alone: keep only the special token ids
+        ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        out = GenerationConfig(**ids)
+        flags = ["all but the token ids"]
+    log.warning("dropped generation settings transformers will not save (it ignores them): %s", flags)
+    return out
+
+
 def _experts_and_top_k(student: Qwen2Config, num_students: int, spec: MergeSpec) -> tuple[int, int]:
     if student.intermediate_size % spec.split:
         raise ValueError(f"split G={spec.split} must divide the FFN width {student.intermediate_size}")
@@ -129,6 +166,7 @@ def moe_config(student: Qwen2Config, num_students: int, spec: MergeSpec) -> Qwen
             f"the Qwen2-MoE target needs head_dim × heads = hidden_size, got {_head_dim(student)} × "
             f"{student.num_attention_heads} ≠ {student.hidden_size} (the deepseek_v3 target takes it)"
         )
+    sliding = _sliding_window(student)
     return Qwen2MoeConfig(
         vocab_size=student.vocab_size,
         hidden_size=student.hidden_size,
@@ -142,7 +180,11 @@ def moe_config(student: Qwen2Config, num_students: int, spec: MergeSpec) -> Qwen
         rope_scaling=student.rope_scaling,
         tie_word_embeddings=student.tie_word_embeddings,
         attention_dropout=student.attention_dropout,
-        use_sliding_window=False,
+        # Qwen2-MoE's eager/SDPA mask slides every layer's window (max_window_layers only reaches its
+        # flash-attention path): 0 keeps all layers sliding on every attention implementation.
+        use_sliding_window=sliding is not None,
+        sliding_window=sliding,
+        max_window_layers=0,
         qkv_bias=True,  # Qwen2 attention has q/k/v biases
         intermediate_size=student.intermediate_size,
         moe_intermediate_size=student.intermediate_size // spec.split,
@@ -157,6 +199,19 @@ def moe_config(student: Qwen2Config, num_students: int, spec: MergeSpec) -> Qwen
         bos_token_id=student.bos_token_id,
         eos_token_id=student.eos_token_id,
         pad_token_id=student.pad_token_id,
+    )
+
+
+def _sliding_window(student: Qwen2Config) -> int | None:
+    """The window every layer of the student slides, or None when none does (one the MoE can hold)."""
+    types = set(getattr(student, "layer_types", None) or ["full_attention"])
+    if types == {"full_attention"}:
+        return None
+    if types == {"sliding_attention"} and getattr(student, "sliding_window", None):
+        return int(student.sliding_window)
+    raise ValueError(
+        "the Qwen2-MoE target slides the window in all layers or none, got the student's "
+        f"{student.layer_types} (max_window_layers={getattr(student, 'max_window_layers', None)})"
     )
 
 
@@ -176,6 +231,8 @@ def _architecture(student: Qwen2Config) -> tuple[object, ...]:
         repr(student.rope_scaling),
         student.rms_norm_eps,
         student.tie_word_embeddings,
+        tuple(getattr(student, "layer_types", None) or ()),
+        getattr(student, "sliding_window", None),
     )
 
 
@@ -199,7 +256,9 @@ def deepseek_v3_config(student: Qwen2Config, num_students: int, spec: MergeSpec)
         raise ValueError(
             f"the DeepSeek-V3 target needs students without rope scaling, got {student.rope_scaling}"
         )
-    if getattr(student, "use_sliding_window", False):
+    if getattr(student, "use_sliding_window", False) or "sliding_attention" in (
+        getattr(student, "layer_types", None) or ()
+    ):
         raise ValueError("the DeepSeek-V3 target has no sliding-window attention")
     d, hidden = _head_dim(student), student.hidden_size
     rope_dim = student.num_key_value_heads * d
@@ -251,6 +310,17 @@ def deepseek_v3_config(student: Qwen2Config, num_students: int, spec: MergeSpec)
         eos_token_id=student.eos_token_id,
         pad_token_id=student.pad_token_id,
     )
+
+
+def check_mergeable(student: Qwen2Config, num_students: int, spec: MergeSpec) -> None:
+    """Raise the ValueError the merge of `num_students` students of this config would, before any of
+    them is trained."""
+    if spec.architecture == "deepseek_v3":
+        deepseek_v3_config(student, num_students, spec)
+    elif spec.architecture == "qwen2_moe":
+        moe_config(student, num_students, spec)
+    else:
+        raise ValueError(f"unknown architecture {spec.architecture!r}")
 
 
 def routed_scale(config: Qwen2MoeConfig | DeepseekV3Config, spec: MergeSpec) -> float:
@@ -404,4 +474,8 @@ def merge_students_into_moe(
         raise ValueError(f"merge mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         moe.tie_weights()
+    # The release decodes as the students did (their end-of-text ids, sampling defaults), not with the
+    # defaults of a fresh config.
+    if students[0].generation_config is not None:
+        moe.generation_config = savable_generation_config(students[0].generation_config)
     return moe

@@ -54,7 +54,12 @@ from deepfusion.cloud.distributed import Ranks
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.hardware import autocast, move
 from deepfusion.cloud.losses import next_token_ce
-from deepfusion.cloud.merge import MergeSpec, merge_students_into_moe
+from deepfusion.cloud.merge import (
+    MergeSpec,
+    check_mergeable,
+    merge_students_into_moe,
+    savable_generation_config,
+)
 from deepfusion.cloud.robust import screen_round, screening_values
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer, batch_kl, warmup_cosine
@@ -133,6 +138,10 @@ def download_dir(store: ObjectStore, prefix: str, local: Path) -> None:
 
 def upload_model(store: ObjectStore, model: PreTrainedModel, prefix: str) -> None:
     """`save_pretrained` into the store under `prefix`."""
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        # A base's sampling flags without do_sample load, but do not save (savable_generation_config).
+        model.generation_config = savable_generation_config(generation)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         upload_dir(store, Path(tmp), prefix)
@@ -441,6 +450,8 @@ def train_round(
         )
     torch.manual_seed(spec.seed)
     clusters = read_clusters(store, federation, round_id)
+    # A base the merge would refuse (its attention, a split) fails now, not after phase II.
+    check_mergeable(cast(Any, base).config, len(clusters.members), spec.merge)
     index = index_round(store, federation, round_id, clusters)
     if not index.sequences:
         raise ValueError(
