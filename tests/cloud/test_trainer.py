@@ -266,6 +266,27 @@ def test_a_base_the_merge_would_refuse_is_refused_before_phase_two(
     assert not list(store.list(f"{FED}/rounds/{ROUND}/students/"))
 
 
+def test_a_tokenizer_or_base_that_does_not_fit_the_round_is_refused_before_phase_two(
+    round_store: str, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """The packets hold token ids of the round's tokenizer. Another tokenizer trained the students on
+    ids that meant other tokens, silently; a base with fewer embeddings than its tokenizer's tokens
+    stopped phase II with an IndexError."""
+    root = tmp_path / "store"
+    shutil.copytree(round_store, root)
+    shutil.rmtree(root / FED / "rounds" / str(ROUND) / "students", ignore_errors=True)  # earlier tests'
+    store = open_store(str(root))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = TrainSpec(student=StudentSpec(steps=2, batch_size=4), tune_steps=1)
+    with pytest.raises(ValueError, match="fewer than its tokenizer's"):
+        train_round(store, FED, ROUND, tiny_student(len(tokenizer) - 1), tokenizer, spec)
+    other = {"spec": {"tokenizer": "f" * 64}}  # a round whose devices used another tokenizer
+    store.put(f"{FED}/rounds/{ROUND}/state.json", json.dumps(other).encode())
+    with pytest.raises(ValueError, match="is not round 0's"):
+        train_round(store, FED, ROUND, tiny_student(len(tokenizer)), tokenizer, spec)
+    assert not list(store.list(f"{FED}/rounds/{ROUND}/students/"))
+
+
 def test_train_command_writes_the_release_and_streams_metrics(
     round_store: str, tokenizer_dir: Path, texts: dict[str, list[str]], tmp_path: Path, broker, mqtt_client
 ) -> None:

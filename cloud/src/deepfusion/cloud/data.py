@@ -21,6 +21,7 @@ import random
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "one_cluster",
     "pad_windows",
     "read_clusters",
+    "round_spec",
     "round_windows",
 ]
 
@@ -195,13 +197,19 @@ def index_round(
     return index
 
 
-def _round_shape(store: ObjectStore, federation: str, round_id: int) -> tuple[int, int] | None:
-    """(J, P) of the round's spec in `state.json`; None without one (the first packet read decides)."""
+def round_spec(store: ObjectStore, federation: str, round_id: int) -> dict[str, Any] | None:
+    """The round's spec as `state.json` holds it; None without one (packets stored by other means)."""
     try:
-        spec = json.loads(store.get(state_key(federation, round_id)))["spec"]
+        spec: dict[str, Any] = json.loads(store.get(state_key(federation, round_id)))["spec"]
     except ObjectNotFound:
         return None
-    return int(spec["stages"]), int(spec["patches"])
+    return spec
+
+
+def _round_shape(store: ObjectStore, federation: str, round_id: int) -> tuple[int, int] | None:
+    """(J, P) of the round's spec; None without one (the first packet read decides)."""
+    spec = round_spec(store, federation, round_id)
+    return None if spec is None else (int(spec["stages"]), int(spec["patches"]))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from deepfusion.cloud.data import (
     one_cluster,
     pad_windows,
     read_clusters,
+    round_spec,
     round_windows,
 )
 from deepfusion.cloud.distributed import Ranks
@@ -63,6 +64,7 @@ from deepfusion.cloud.merge import (
 from deepfusion.cloud.robust import screen_round, screening_values
 from deepfusion.cloud.rounds import round_prefix
 from deepfusion.cloud.students import StudentSpec, StudentTrainer, batch_kl, warmup_cosine
+from deepfusion.shared.fingerprint import tokenizer_fingerprint
 from deepfusion.shared.messages import Metrics, ReleaseNote, encode_message
 from deepfusion.shared.store import ObjectStore
 
@@ -134,6 +136,30 @@ def download_dir(store: ObjectStore, prefix: str, local: Path) -> None:
         target = local / key[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(store.get(key))
+
+
+def _check_tokenizer(
+    store: ObjectStore,
+    federation: str,
+    round_id: int,
+    embeddings: int,
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The packets hold token ids of the round's tokenizer. Another tokenizer would train the students
+    on ids that mean other tokens, silently, and a base with fewer embeddings than its tokenizer has
+    tokens would stop phase II with an index error."""
+    tokens = len(tokenizer)
+    if embeddings < tokens:
+        raise ValueError(
+            f"the base has {embeddings} token embeddings, fewer than its tokenizer's {tokens} tokens"
+        )
+    expected = (round_spec(store, federation, round_id) or {}).get("tokenizer")
+    found = tokenizer_fingerprint(tokenizer.get_vocab())
+    if expected is not None and found != expected:
+        raise ValueError(
+            f"the tokenizer (fingerprint {found[:12]}...) is not round {round_id}'s ({expected[:12]}...): "
+            "the devices' token ids would mean other tokens; give the federation's tokenizer (--tokenizer)"
+        )
 
 
 def upload_model(store: ObjectStore, model: PreTrainedModel, prefix: str) -> None:
@@ -451,7 +477,9 @@ def train_round(
     torch.manual_seed(spec.seed)
     clusters = read_clusters(store, federation, round_id)
     # A base the merge would refuse (its attention, a split) fails now, not after phase II.
-    check_mergeable(cast(Any, base).config, len(clusters.members), spec.merge)
+    config = cast(Any, base).config
+    check_mergeable(config, len(clusters.members), spec.merge)
+    _check_tokenizer(store, federation, round_id, int(config.vocab_size), tokenizer)
     index = index_round(store, federation, round_id, clusters)
     if not index.sequences:
         raise ValueError(
