@@ -606,7 +606,15 @@ def test_a_rerun_from_another_base_does_not_resume_the_old_checkpoints(tmp_path:
         screen=False,
         metrics_every=1,
     )
-    tokenizer = type("Tokenizer", (), {"save_pretrained": lambda self, directory: None})()  # not shipped here
+    tokenizer = type(  # a vocabulary of `vocab` tokens, not shipped here
+        "Tokenizer",
+        (),
+        {
+            "__len__": lambda self: vocab,
+            "get_vocab": lambda self: {f"t{i}": i for i in range(vocab)},
+            "save_pretrained": lambda self, directory: None,
+        },
+    )()
 
     def die(metric: Metrics) -> None:
         if metric.phase == "phase II cluster 0" and metric.step == 3:
