@@ -147,7 +147,7 @@ def _check_tokenizer(
 ) -> None:
     """The packets hold token ids of the round's tokenizer. Another tokenizer would train the students
     on ids that mean other tokens, silently, and a base with fewer embeddings than its tokenizer has
-    tokens would stop phase II with an index error."""
+    tokens would fail in phase III, after every student was trained."""
     tokens = len(tokenizer)
     if embeddings < tokens:
         raise ValueError(
