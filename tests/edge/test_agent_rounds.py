@@ -245,9 +245,10 @@ def test_the_round_loop_survives_scoring_failures_and_retries(
     assert len(failures) == 2
     assert failures[0].exc_info is not None  # an unexpected error comes with its traceback
     assert failures[1].exc_info is None and "ran out of memory" in failures[1].getMessage()
-    assert "scoring failed: RuntimeError: boom" in agent.details
-    assert "scoring failed: the runtime ran out of memory" in agent.details
-    assert agent.details[-1] == "round scored"
+    # In this order; the loop may say more (idle) before it sees the stop.
+    boom = agent.details.index("scoring failed: RuntimeError: boom")
+    memory = agent.details.index("scoring failed: the runtime ran out of memory")
+    assert boom < memory < agent.details.index("round scored", memory)
 
 
 class _Published:
