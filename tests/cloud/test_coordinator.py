@@ -37,6 +37,17 @@ def _packets(device: str, spec: RoundSpec) -> list[bytes]:
     return out
 
 
+def _open_round_0(coordinator: Coordinator, devices: list[SimDevice]) -> RoundSpec:
+    """The devices' cards in, round 0 opened by `coordinator`: its spec."""
+    for device in devices:
+        device.publish_card()
+    coordinator.view.wait_for(lambda v: len(v.cards()) == len(devices), timeout=10)
+    assert coordinator.step() == "round 0: opened"
+    state = read_state(coordinator.store, FED, 0)
+    assert state is not None
+    return state.spec
+
+
 def test_round_survives_a_coordinator_kill9_and_ends_in_a_release(broker, mqtt_client, tmp_path):
     store_dir = tmp_path / "store"
     store = open_store(str(store_dir))
@@ -148,11 +159,7 @@ def test_deadline_closes_with_or_without_quorum(broker, tmp_path, quorum, outcom
     coordinator = Coordinator(config, store, clock=lambda: now[0])
     client = coordinator.connect()
     try:
-        for device in devices:
-            device.publish_card()
-        coordinator.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
-        assert coordinator.step() == "round 0: opened"
-        spec = read_state(store, FED, 0).spec  # type: ignore[union-attr]
+        spec = _open_round_0(coordinator, devices)
         assert list_shards(store, FED)[0].sequences == 20
         # Only device a-0 delivers: half of the (cluster, sequence) slots.
         for payload in _packets("a-0", spec):
@@ -528,11 +535,7 @@ def test_a_second_coordinator_cannot_reopen_a_round_the_first_one_closed(broker,
     second = Coordinator(config, store, clock=lambda: opened_at)
     client = second.connect()
     try:
-        for device in devices:
-            device.publish_card()
-        second.view.wait_for(lambda v: len(v.cards()) == 2, timeout=10)
-        assert second.step() == "round 0: opened"
-        spec = read_state(store, FED, 0).spec  # type: ignore[union-attr]
+        spec = _open_round_0(second, devices)
         payload = _packets("a-0", spec)[0]
         assert store_packet(store, FED, knowledge_topic(FED, "a-0"), payload, max_bytes=1 << 20).accepted
         past_the_deadline = opened_at + timedelta(seconds=61)
