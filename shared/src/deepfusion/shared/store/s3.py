@@ -42,9 +42,16 @@ _REFUSED = {
     "Forbidden",
 }
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION_FAILED = {"PreconditionFailed", "412"}
 # What reading a body raises when the connection breaks midway: the errors s3transfer retries in its
 # downloads, and a TLS record damaged in transit, which botocore lets through as urllib3's own error.
 _BODY_BROKEN = (*S3_RETRYABLE_DOWNLOAD_ERRORS, URLLib3SSLError)
+
+
+def _answer(exc: ClientError) -> set[str]:
+    """The error code and the HTTP status of a refusal, as strings: servers send one or both."""
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return {str(exc.response.get("Error", {}).get("Code", "")), str(status)}
 
 
 class S3Store:
@@ -153,8 +160,7 @@ class S3Store:
             try:
                 self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*")
             except ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412:
+                if _answer(exc) & _PRECONDITION_FAILED:
                     return False
                 raise
         return True
@@ -194,9 +200,7 @@ class S3Store:
             try:
                 response = self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfMatch=etag)
             except ClientError as exc:
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                code = exc.response.get("Error", {}).get("Code")
-                if code in ("PreconditionFailed", *_NOT_FOUND) or status in (404, 412):
+                if _answer(exc) & (_PRECONDITION_FAILED | _NOT_FOUND):  # changed, or deleted
                     return None
                 raise
         return str(response["ETag"])
