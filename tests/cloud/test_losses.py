@@ -127,6 +127,17 @@ def test_next_token_ce_matches_manual_and_respects_mask() -> None:
     lp = torch.log_softmax(logits, -1)
     terms = [-lp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4) if mask[b, t] and mask[b, t + 1]]
     torch.testing.assert_close(next_token_ce(logits, ids, mask), torch.stack(terms).mean())
+    torch.testing.assert_close(next_token_ce(logits, ids, mask, reduction="sum"), torch.stack(terms).sum())
+
+
+def test_next_token_ce_of_a_batch_that_predicts_nothing_is_zero_and_keeps_its_graph() -> None:
+    logits = torch.randn(2, 3, V, requires_grad=True)
+    ids = torch.randint(0, V, (2, 3))
+    mask = torch.tensor([[1, 0, 0], [1, 0, 0]])  # one real token per window: nothing to predict
+    ce = next_token_ce(logits, ids, mask)
+    assert float(ce) == 0.0
+    ce.backward()
+    assert logits.grad is not None and not logits.grad.any()
 
 
 def test_feature_mse_weighting() -> None:
@@ -167,7 +178,9 @@ def test_a_member_that_scored_nothing_does_not_change_the_others_weights() -> No
     torch.testing.assert_close(teacher_weights(silent)[:2], torch.tensor([[0.5, 0.5, 0.0]] * 2))
 
 
-def test_student_kl_over_a_batch_equals_the_per_row_full_vocabulary_computation() -> None:
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_student_losses_of_a_batch_equal_the_per_row_full_vocabulary_computation(temperature: float) -> None:
+    """The step's CE and KL share one log-softmax at T = 1; at any T they are the separate computations."""
     from transformers import Qwen2ForCausalLM
 
     from deepfusion.cloud.data import Batch, TeacherRow
@@ -188,20 +201,24 @@ def test_student_kl_over_a_batch_equals_the_per_row_full_vocabulary_computation(
         lp = torch.log_softmax(torch.randn(n, vocab + 8), -1).gather(-1, top)
         lp[0, 1:] = -math.inf  # a row cut short by top-p
         rows.append(TeacherRow(seq, "d", weight, top, lp, None, (), 0))
-    trainer = StudentTrainer(student, StudentSpec(temperature=2.0), stages=0, patches=1, widths=())
+    trainer = StudentTrainer(student, StudentSpec(temperature=temperature), stages=0, patches=1, widths=())
     logits = student(input_ids=ids, attention_mask=mask).logits
-    got = trainer._kl(logits, Batch(ids, mask, lengths, rows))
+    losses = trainer.losses(Batch(ids, mask, lengths, rows))
+    got = losses["kl"]
     expected = (
         sum(
             r.weight
             / len(r.topk_ids)
             * topk_tail_kl(
-                logits[r.seq, : len(r.topk_ids)], r.topk_ids, r.topk_logprobs, temperature=2.0
+                logits[r.seq, : len(r.topk_ids)], r.topk_ids, r.topk_logprobs, temperature=temperature
             ).sum()
             for r in rows
         )
         / 2
     )
     assert float(got.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    reference_ce = torch.nn.functional.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
+    assert float(losses["ce"].detach()) == pytest.approx(float(reference_ce.detach()), rel=1e-6)
     got.backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)

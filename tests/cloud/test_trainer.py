@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +79,49 @@ def test_batches_join_devices_of_a_cluster_with_quality_weights(round_store: str
     assert next(r.weight for r in batch.rows if r.device == better) > 0.5
 
 
+def test_the_packet_cache_reads_a_packet_once_and_keeps_within_its_bytes(tmp_path: Path) -> None:
+    from deepfusion.cloud.data import PacketCache
+    from deepfusion.shared.packets import SequenceKnowledge
+    from deepfusion.shared.store.local import LocalStore
+
+    class CountingStore(LocalStore):
+        def __init__(self, root: Path) -> None:
+            super().__init__(root)
+            self.reads: list[str] = []
+
+        def get(self, key: str) -> bytes:
+            self.reads.append(key)
+            return super().get(key)
+
+    store = CountingStore(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    for device in ("a", "b", "c"):
+        top = np.stack([rng.permutation(50)[:4] for _ in range(6)])
+        put_sequences(
+            store,
+            device,
+            [SequenceKnowledge(0, np.arange(6), np.zeros((6, 2)), top, np.full((6, 4), -1.7), 2.0)],
+            50,
+        )
+    a, b, c = (next(iter(store.list(f"{FED}/rounds/{ROUND}/knowledge/{d}/"))) for d in "abc")
+
+    roomy = PacketCache(store)
+    for key in (a, b, c, a, b, c):
+        header, sequences = roomy.get(key)
+        assert header.device == key.split("/")[-2] and set(sequences) == {0}
+    assert store.reads == [a, b, c]
+
+    store.reads.clear()
+    size = roomy.sizes[a]
+    assert size > 0 and roomy.bytes == 3 * size
+    tight = PacketCache(store, max_bytes=2 * size)
+    for key in (a, b, c, b, a):
+        tight.get(key)
+    # c pushed out a, the least recently used; b stayed; a is read again and pushes out c.
+    assert store.reads == [a, b, c, a]
+    assert list(tight.items) == [b, a] and tight.bytes == 2 * size
+
+
 def test_a_sequence_sent_twice_by_one_device_is_one_loss_term(tmp_path: Path) -> None:
     """Device a scores sequence 0 in two packets: it must not get twice b's weight on it."""
 
@@ -140,6 +184,7 @@ def test_phase_three_kl_shares_of_unequal_ranks_average_to_the_single_process_kl
     KL terms must be the global batch's KL, as the CE's is."""
     from deepfusion.cloud.data import Batch, TeacherRow
     from deepfusion.cloud.distributed import Ranks
+    from deepfusion.cloud.losses import tempered_log_probs
     from deepfusion.cloud.students import batch_kl
     from deepfusion.cloud.trainer import _share_kl
 
@@ -162,9 +207,10 @@ def test_phase_three_kl_shares_of_unequal_ranks_average_to_the_single_process_kl
     ids = torch.randint(0, vocab, (size, length))
     batch = Batch(ids, torch.ones_like(ids), torch.full((size,), length), rows)
     spec = TrainSpec(student=StudentSpec(temperature=2.0))
-    shares = [_share_kl(logits[rank::2], Ranks(rank, 2).slice(batch), batch, 2, spec) for rank in range(2)]
-    assert float(sum(shares) / 2) == pytest.approx(float(batch_kl(logits, batch, 2.0)), rel=1e-6)
-    assert float(_share_kl(logits, batch, batch, 1, spec)) == float(batch_kl(logits, batch, 2.0))
+    log_probs = tempered_log_probs(logits, 2.0)
+    shares = [_share_kl(log_probs[rank::2], Ranks(rank, 2).slice(batch), batch, 2, spec) for rank in range(2)]
+    assert float(sum(shares) / 2) == pytest.approx(float(batch_kl(log_probs, batch, 2.0)), rel=1e-6)
+    assert float(_share_kl(log_probs, batch, batch, 1, spec)) == float(batch_kl(log_probs, batch, 2.0))
 
 
 def test_zero_phase_two_steps_keep_the_initial_student() -> None:
@@ -765,3 +811,20 @@ def test_evaluation_skips_windows_without_a_prediction() -> None:
     window = np.arange(1, 7)
     short = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.array([3])]
     assert evaluate_windows(model, [*short, window], batch_size=2) == evaluate_windows(model, [window])
+
+
+def test_token_windows_with_a_limit_are_the_first_windows_and_stop_reading(tokenizer_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [f"Record {i}: the committee reviewed the results of the clinic. " * 6 for i in range(40)]
+    every = token_windows(tokenizer, texts, 16)
+    read: list[int] = []
+
+    def reading() -> Iterator[str]:
+        for i, text in enumerate(texts):
+            read.append(i)
+            yield text
+
+    first = token_windows(tokenizer, reading(), 16, limit=7)
+    assert len(every) > 7 * 3
+    assert [w.tolist() for w in first] == [w.tolist() for w in every[:7]]
+    assert len(read) < len(texts) // 2

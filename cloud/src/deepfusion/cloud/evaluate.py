@@ -22,17 +22,24 @@ from deepfusion.cloud.losses import next_token_ce
 __all__ = ["evaluate_windows", "token_windows"]
 
 
-def token_windows(tokenizer: object, texts: Iterable[str], max_tokens: int = 256) -> list[np.ndarray]:
-    """Consecutive windows of at most `max_tokens` token ids of each text (no special tokens)."""
-    out = []
+def token_windows(
+    tokenizer: object, texts: Iterable[str], max_tokens: int = 256, *, limit: int | None = None
+) -> list[np.ndarray]:
+    """Consecutive windows of at most `max_tokens` token ids of each text (no special tokens).
+
+    With `limit`, the first `limit` windows: the texts after them are not read or tokenized.
+    """
+    out: list[np.ndarray] = []
     for text in texts:
+        if limit is not None and len(out) >= limit:
+            break
         ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)  # type: ignore[operator]
         out += [
             ids[i : i + max_tokens]
             for i in range(0, len(ids), max_tokens)
             if len(ids[i : i + max_tokens]) > 1
         ]
-    return out
+    return out if limit is None else out[:limit]
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deepfusion.cloud.data import PacketCache, RoundIndex
+from deepfusion.cloud.data import DEFAULT_CACHE_BYTES, PacketCache, RoundIndex
 from deepfusion.shared.packets import SequenceKnowledge
 from deepfusion.shared.store import ObjectStore
 
@@ -124,10 +124,10 @@ def screen_round(
     factor: float = 3.0,
     floor: float = 0.1,
     min_shared: int = 8,
-    cache_packets: int = 64,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Screening:
     """Score every clustered device of the round and quarantine the outliers (see the module doc)."""
-    cache = PacketCache(store, cache_packets)
+    cache = PacketCache(store, cache_bytes)
     pair_sum: dict[tuple[str, str], float] = defaultdict(float)
     pair_n: dict[tuple[str, str], int] = defaultdict(int)
     gaps: dict[str, list[float]] = defaultdict(list)

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from deepfusion.cloud.data import Batch
 from deepfusion.cloud.hardware import autocast
-from deepfusion.cloud.losses import bucket_kl, feature_mse, next_token_ce
+from deepfusion.cloud.losses import bucket_kl, feature_mse, next_token_nll, tempered_log_probs
 from deepfusion.cloud.vaa import VAAConfig, ViewAlignedAttention, backbone_grad_ratio, stage_indices
 
 __all__ = ["StudentSpec", "StudentTrainer", "batch_kl", "family_of", "warmup_cosine"]
@@ -63,17 +63,17 @@ def warmup_cosine(step: int, *, warmup: int, total: int, floor: float = 0.1) -> 
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+def batch_kl(log_probs: torch.Tensor, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
     """Σ over the batch's (sequence, device) rows of weight × mean top-k + tail KL, per sequence.
 
-    logits [B, L, V] of the model being taught, on the batch's device (`Batch.to`); one log-softmax for
-    the batch, and each row gathers its [n, k] from it, so no [n, V] slice is copied per teacher.
+    log_probs [B, L, V]: `tempered_log_probs(logits, temperature)` of the model being taught, on the
+    batch's device (`Batch.to`); each row gathers its [n, k] from it, so no [n, V] slice is copied per
+    teacher.
     """
     if not batch.rows:
-        return logits.new_zeros(())
+        return log_probs.new_zeros(())
     k = max(r.topk_ids.size(1) for r in batch.rows)
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [B, L, V]
-    device = logits.device
+    device = log_probs.device
     seqs, positions, ids, lps, weights = [], [], [], [], []
     for r in batch.rows:
         n, kr = r.topk_ids.shape
@@ -83,11 +83,11 @@ def batch_kl(logits: torch.Tensor, batch: Batch, temperature: float = 1.0) -> to
         lps.append(nn.functional.pad(r.topk_logprobs, (0, k - kr), value=-math.inf))
         weights.append(torch.full((n,), r.weight / n, device=device))
     top, teacher = torch.cat(ids), torch.cat(lps)  # [N, k]
-    vocab = logits.size(-1)
+    vocab = log_probs.size(-1)
     # An id beyond the student's vocabulary (a teacher's padded rows) has no student bucket: its mass
     # joins the tail, instead of being clamped onto id V-1 and counted there once per such id.
     valid = torch.isfinite(teacher) & (top < vocab)
-    student = logp[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top.clamp(0, vocab - 1)]
+    student = log_probs[torch.cat(seqs)[:, None], torch.cat(positions)[:, None], top.clamp(0, vocab - 1)]
     per_token = bucket_kl(student, teacher, vocab=vocab, temperature=temperature, valid=valid)  # [N]
     return (per_token * torch.cat(weights)).sum() / batch.input_ids.size(0)
 
@@ -133,16 +133,18 @@ class StudentTrainer:
                 output_hidden_states=self.vaa is not None,
             )
             logits = out.logits  # [B, L, V]
-            ce = next_token_ce(logits, batch.input_ids, batch.attention_mask)
-            kl = self._kl(logits, batch)
+            log_probs = tempered_log_probs(logits)  # shared by the CE and, at T = 1, the KL
+            ce = next_token_nll(log_probs, batch.input_ids, batch.attention_mask)
+            kl = self._kl(logits, log_probs, batch)
             fm = self._fm(out.hidden_states, batch) if self.vaa is not None else logits.new_zeros(())
         total = ce + self.spec.beta * kl + self.spec.alpha * fm
         return {"loss": total, "ce": ce, "kl": kl, "fm": fm}
 
-    def _kl(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _kl(self, logits: torch.Tensor, log_probs: torch.Tensor, batch: Batch) -> torch.Tensor:
         if self.spec.beta == 0:
             return logits.new_zeros(())
-        return batch_kl(logits, batch, self.spec.temperature)
+        t = self.spec.temperature
+        return batch_kl(log_probs if t == 1.0 else tempered_log_probs(logits, t), batch, t)
 
     def _fm(self, hidden_states: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         assert self.vaa is not None

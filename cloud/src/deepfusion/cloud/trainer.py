@@ -54,7 +54,7 @@ from deepfusion.cloud.data import (
 from deepfusion.cloud.distributed import Ranks
 from deepfusion.cloud.evaluate import evaluate_windows
 from deepfusion.cloud.hardware import autocast, move
-from deepfusion.cloud.losses import next_token_ce
+from deepfusion.cloud.losses import next_token_nll, tempered_log_probs
 from deepfusion.cloud.merge import (
     MergeSpec,
     check_mergeable,
@@ -269,12 +269,15 @@ def tune_moe(
                 out = moe(
                     input_ids=local.input_ids, attention_mask=local.attention_mask, output_router_logits=True
                 )
-                summed = next_token_ce(out.logits, local.input_ids, local.attention_mask, reduction="sum")
+                log_probs = tempered_log_probs(out.logits)  # shared by the CE and, at T = 1, the KL
+                summed = next_token_nll(log_probs, local.input_ids, local.attention_mask, reduction="sum")
                 loss = summed * (ranks.world / max(predicted, 1) if share else 0.0)
                 if getattr(out, "aux_loss", None) is not None:
                     loss = loss + aux_coef * out.aux_loss * share  # the load-balancing loss
                 if local.rows:
-                    loss = loss + spec.tune_beta * _share_kl(out.logits, local, batch, ranks.world, spec)
+                    t = spec.student.temperature
+                    tempered = log_probs if t == 1.0 else tempered_log_probs(out.logits, t)
+                    loss = loss + spec.tune_beta * _share_kl(tempered, local, batch, ranks.world, spec)
             if balancer is not None and not share:
                 balancer.forget()  # the stand-in's tokens are no load
             optimizer.zero_grad(set_to_none=True)
@@ -298,11 +301,14 @@ def tune_moe(
     return losses
 
 
-def _share_kl(logits: torch.Tensor, local: Batch, batch: Batch, world: int, spec: TrainSpec) -> torch.Tensor:
+def _share_kl(
+    log_probs: torch.Tensor, local: Batch, batch: Batch, world: int, spec: TrainSpec
+) -> torch.Tensor:
     """This rank's part of the global batch's KL: the mean over ranks (what the averaged gradients
-    follow) is the single-process `batch_kl`, also when the ranks hold unequal shares of the batch."""
+    follow) is the single-process `batch_kl`, also when the ranks hold unequal shares of the batch.
+    `log_probs` are this rank's, at the students' temperature."""
     share = local.input_ids.size(0) * world / batch.input_ids.size(0)
-    return batch_kl(logits, local, spec.student.temperature) * share
+    return batch_kl(log_probs, local, spec.student.temperature) * share
 
 
 def _endless(epochs: EpochFn) -> Iterator[Batch]:
