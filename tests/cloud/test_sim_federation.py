@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ def test_a_hung_or_failed_trainer_ends_the_run_naming_its_log(
     )
     runner = FederationRunner(plan, Console(quiet=True))
     monkeypatch.setattr(
-        runner, "_cloud", lambda name, *_: runner._start(name, [sys.executable, "-c", script])
+        runner, "_cloud", lambda name, *_, **__: runner._start(name, [sys.executable, "-c", script])
     )
     started = time.perf_counter()
     try:
@@ -86,3 +87,38 @@ def test_a_hung_or_failed_trainer_ends_the_run_naming_its_log(
     finally:
         runner._stop_all()
     assert time.perf_counter() - started < 30
+
+
+def test_the_trainer_gets_every_core_and_the_other_services_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer runs while the devices wait for the release: torch's default threads, not one."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plan = FederationPlan(
+        federation="fed",
+        rounds=1,
+        mqtt=MqttConfig(),
+        store=open_store(str(tmp_path / "store")),
+        cloud_configs={},
+        device_configs={},
+        train_args=[],
+        logs=tmp_path,
+        timeout_s=60.0,
+    )
+    runner = FederationRunner(plan, Console(quiet=True))
+    report = "import os; print('threads', os.environ.get('OMP_NUM_THREADS'), flush=True)"
+    started: list[tuple[str, int | None]] = []
+
+    def cloud(name: str, *_: str, threads: int | None = 1) -> subprocess.Popen[bytes]:
+        started.append((name, threads))
+        return runner._start(name, [sys.executable, "-c", report], threads)
+
+    monkeypatch.setattr(runner, "_cloud", cloud)
+    try:
+        runner._train(0, _Watcher(), time.perf_counter() + plan.timeout_s)
+        runner._start("ingest", [sys.executable, "-c", report]).wait(timeout=30)
+    finally:
+        runner._stop_all()
+    assert started == [("trainer-r0", None)]
+    assert (tmp_path / "trainer-r0.log").read_text().strip() == "threads None"
+    assert (tmp_path / "ingest.log").read_text().strip() == "threads 1"

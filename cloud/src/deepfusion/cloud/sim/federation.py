@@ -121,16 +121,19 @@ class FederationRunner:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.hosts: dict[str, list[str]] = {}  # process name -> devices it hosts
 
-    def _start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, command: list[str], threads: int | None = 1) -> subprocess.Popen[bytes]:
+        """`threads`: the process's torch/OpenMP threads; None leaves torch its default (one per core)."""
         log = (self.plan.logs / f"{name}.log").open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if threads is None:
+            del env["OMP_NUM_THREADS"]
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.processes[name] = process
         return process
 
-    def _cloud(self, name: str, service: str, *args: str) -> subprocess.Popen[bytes]:
+    def _cloud(self, name: str, service: str, *args: str, threads: int | None = 1) -> subprocess.Popen[bytes]:
         config = str(self.plan.cloud_configs[service])
-        return self._start(name, _python("deepfusion.cloud.cli", *args, "--config", config))
+        return self._start(name, _python("deepfusion.cloud.cli", *args, "--config", config), threads)
 
     def _start_devices(self) -> None:
         devices = sorted(self.plan.device_configs)
@@ -295,7 +298,10 @@ class FederationRunner:
         self.console.print(f"[bold]trainer[/] round {round_id}: phase II students, merge, phase III")
         started = time.perf_counter()
         name = f"trainer-r{round_id}"
-        process = self._cloud(name, "trainer", "train", "--round", str(round_id), *self.plan.train_args)
+        # The round is closed and the devices wait for the release: the trainer may take every core
+        # (1.55x faster phase II steps with two threads than with one on the demo's 2-core machine).
+        args = ("train", "--round", str(round_id), *self.plan.train_args)
+        process = self._cloud(name, "trainer", *args, threads=None)
         seen = 0
         while process.poll() is None:
             if time.perf_counter() > deadline:  # the run's `finally` stops the trainer
