@@ -107,7 +107,7 @@ def tempered_log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.
     """log softmax(logits / T) over the vocabulary, in float32.
 
     A training step computes it once and hands it to both `next_token_nll` and the KL: at T = 1 they
-    share one [B, L, V] log-softmax and its backward, which the tiny models' steps feel (13% of a
+    share one [B, L, V] log-softmax and its backward, which the tiny models' steps feel (a tenth of a
     phase II step at V = 4,096).
     """
     logits = logits.float()

@@ -124,9 +124,11 @@ class FederationRunner:
     def _start(self, name: str, command: list[str], threads: int | None = 1) -> subprocess.Popen[bytes]:
         """`threads`: the process's torch/OpenMP threads; None leaves torch its default (one per core)."""
         log = (self.plan.logs / f"{name}.log").open("wb")
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         if threads is None:
-            del env["OMP_NUM_THREADS"]
+            env.pop("OMP_NUM_THREADS", None)
+        else:
+            env["OMP_NUM_THREADS"] = str(threads)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.processes[name] = process
         return process
