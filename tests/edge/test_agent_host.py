@@ -71,11 +71,16 @@ def _retained_states(broker: EmbeddedBroker, mqtt_client, devices: list[str]) ->
     """The retained status of each device, as a late subscriber sees it."""
     inbox = Inbox()
     watcher = mqtt_client(broker.config(), f"late-{time.monotonic_ns()}")
-    for device in devices:
-        watcher.subscribe(status_topic(FED, device), inbox)
-    messages = inbox.wait_count(len(devices))
-    assert all(m.retain for m in messages)
-    return {m.topic.split("/")[-2]: decode_message(DeviceStatus, m.payload).state for m in messages}
+    topics = {status_topic(FED, device) for device in devices}
+    for topic in topics:
+        watcher.subscribe(topic, inbox)
+    # A status the device publishes while the watcher subscribes arrives live too, with the retain
+    # flag off, and may come first: the state a late subscriber is handed is the retained copy.
+    messages = inbox.wait_until(
+        lambda ms: {m.topic for m in ms if m.retain} >= topics, what="a retained status of each device"
+    )
+    retained = [m for m in messages if m.retain]
+    return {m.topic.split("/")[-2]: decode_message(DeviceStatus, m.payload).state for m in retained}
 
 
 def _card_watcher(broker: EmbeddedBroker, mqtt_client) -> Inbox:
