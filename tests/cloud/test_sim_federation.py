@@ -39,6 +39,22 @@ def _plan(
     )
 
 
+def _trainer_runner(tmp_path: Path, timeout_s: float) -> FederationRunner:
+    """A runner of no devices or services, for starting trainers by hand; logs in `tmp_path`."""
+    plan = FederationPlan(
+        federation="fed",
+        rounds=1,
+        mqtt=MqttConfig(),
+        store=open_store(str(tmp_path / "store")),
+        cloud_configs={},
+        device_configs={},
+        train_args=[],
+        logs=tmp_path,
+        timeout_s=timeout_s,
+    )
+    return FederationRunner(plan, Console(quiet=True))
+
+
 def test_a_drop_device_that_fails_to_start_fails_the_run_at_once(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -65,25 +81,14 @@ def test_a_hung_or_failed_trainer_ends_the_run_naming_its_log(
 ) -> None:
     """A trainer that hangs meets the federation's deadline (the wait for it had none, so the run waited
     forever); one that fails is reported with its status. Either way the error names its log."""
-    plan = FederationPlan(
-        federation="fed",
-        rounds=1,
-        mqtt=MqttConfig(),
-        store=open_store(str(tmp_path / "store")),
-        cloud_configs={},
-        device_configs={},
-        train_args=[],
-        logs=tmp_path,
-        timeout_s=1.0,
-    )
-    runner = FederationRunner(plan, Console(quiet=True))
+    runner = _trainer_runner(tmp_path, timeout_s=1.0)
     monkeypatch.setattr(
         runner, "_cloud", lambda name, *_, **__: runner._start(name, [sys.executable, "-c", script])
     )
     started = time.perf_counter()
     try:
         with pytest.raises(error, match=rf"trainer-r0.*{tmp_path / 'trainer-r0.log'}"):
-            runner._train(0, _Watcher(), started + plan.timeout_s)
+            runner._train(0, _Watcher(), started + runner.plan.timeout_s)
     finally:
         runner._stop_all()
     assert time.perf_counter() - started < 30
@@ -94,18 +99,7 @@ def test_the_trainer_gets_every_core_and_the_other_services_one_thread(
 ) -> None:
     """The trainer runs while the devices wait for the release: torch's default threads, not one."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plan = FederationPlan(
-        federation="fed",
-        rounds=1,
-        mqtt=MqttConfig(),
-        store=open_store(str(tmp_path / "store")),
-        cloud_configs={},
-        device_configs={},
-        train_args=[],
-        logs=tmp_path,
-        timeout_s=60.0,
-    )
-    runner = FederationRunner(plan, Console(quiet=True))
+    runner = _trainer_runner(tmp_path, timeout_s=60.0)
     report = "import os; print('threads', os.environ.get('OMP_NUM_THREADS'), flush=True)"
     started: list[tuple[str, int | None]] = []
 
@@ -115,7 +109,7 @@ def test_the_trainer_gets_every_core_and_the_other_services_one_thread(
 
     monkeypatch.setattr(runner, "_cloud", cloud)
     try:
-        runner._train(0, _Watcher(), time.perf_counter() + plan.timeout_s)
+        runner._train(0, _Watcher(), time.perf_counter() + runner.plan.timeout_s)
         runner._start("ingest", [sys.executable, "-c", report]).wait(timeout=30)
     finally:
         runner._stop_all()
