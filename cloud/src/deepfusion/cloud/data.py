@@ -254,8 +254,8 @@ class PacketCache:
     """Decoded packets by store key: the most recently used ones, up to `max_bytes` of their arrays.
 
     Training visits a cluster's sequences in a shuffled order, each packet holding some twenty of them:
-    a cache of a few packets decoded a packet per row (2 ms each, 8-13% of a demo step), while the
-    demo's whole round decodes to 93 MiB. A round larger than `max_bytes` streams through the cache.
+    a cache of a few packets decoded a packet per row (2 ms each; a demo step has 16-32 rows), while
+    the demo's whole round decodes to 93 MiB. A round larger than `max_bytes` streams through the cache.
     """
 
     def __init__(self, store: ObjectStore, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
